@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import uuid
 from typing import Iterable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
@@ -42,7 +43,8 @@ def _part_path(out_dir: str, split: str, index: int, num_shards: int) -> str:
 
 
 def _write_json_atomic(path: str, obj) -> None:
-  tmp = path + ".tmp"
+  # A temporary name of its own: workers that finish together may finalize at once.
+  tmp = f"{path}.{uuid.uuid4().hex}.tmp"
   with open(tmp, "w") as f:
     json.dump(obj, f, indent=1)
     f.flush()
@@ -174,23 +176,27 @@ def read_parts(out_dir: str) -> list[dict]:
 
 
 def finalize(out_dir: str, feature_shapes: Mapping[str, Sequence[int]],
-             splits: Sequence[str], num_shards: int, dtype: str = "float16",
-             manifest: Optional[dict] = None) -> bool:
+             splits: Sequence[str], num_shards: int | Mapping[str, int],
+             dtype: str = "float16", manifest: Optional[dict] = None) -> bool:
   """Writes tfds metadata, stats.json and manifest.json once every shard of every split is
-  in place; returns False (writing nothing) while shards from other workers are missing."""
+  in place; returns False (writing nothing) while shards from other workers are missing.
+  ``num_shards`` may differ per split (a mapping), e.g. when separate extraction runs
+  wrote train and validation into one directory."""
   import tensorflow_datasets as tfds
+  shards = (dict(num_shards) if isinstance(num_shards, Mapping)
+            else {s: num_shards for s in splits})
   parts = {(p["split"], p["index"]): p for p in read_parts(out_dir)
-           if p["num_shards"] == num_shards}
-  missing = [(s, i) for s in splits for i in range(num_shards) if (s, i) not in parts]
+           if p["num_shards"] == shards.get(p["split"])}
+  missing = [(s, i) for s in splits for i in range(shards[s]) if (s, i) not in parts]
   if missing:
     return False
   split_infos, moments = [], {}
   for split in splits:
-    lengths = [parts[(split, i)]["count"] for i in range(num_shards)]
-    size = sum(parts[(split, i)]["num_bytes"] for i in range(num_shards))
+    lengths = [parts[(split, i)]["count"] for i in range(shards[split])]
+    size = sum(parts[(split, i)]["num_bytes"] for i in range(shards[split]))
     split_infos.append(tfds.core.SplitInfo(name=split, shard_lengths=lengths, num_bytes=size))
     moments[split] = {k: Moments(shape[-1]) for k, shape in feature_shapes.items()}
-    for i in range(num_shards):
+    for i in range(shards[split]):
       for name, m in parts[(split, i)]["moments"].items():
         moments[split][name].merge(Moments.from_json(m))
   stats_split = STATS_SPLIT if STATS_SPLIT in moments else splits[0]
@@ -204,7 +210,7 @@ def finalize(out_dir: str, feature_shapes: Mapping[str, Sequence[int]],
         "mean": m.mean.tolist(),
         "std": np.sqrt(m.m2 / max(m.count - 1, 1)).tolist(),
         "mean_norm": m.norm_sum / tokens}
-  counts = {s: sum(parts[(s, i)]["count"] for i in range(num_shards)) for s in splits}
+  counts = {s: sum(parts[(s, i)]["count"] for i in range(shards[s])) for s in splits}
   present = [s for s in splits if counts[s] > 0] or list(splits)
   tfds.folder_dataset.write_metadata(
       data_dir=out_dir, features=features_spec(feature_shapes, dtype),
@@ -215,7 +221,7 @@ def finalize(out_dir: str, feature_shapes: Mapping[str, Sequence[int]],
   manifest["counts"] = {**manifest.get("counts", {}), "written": counts}
   manifest["features"] = {k: list(v) for k, v in feature_shapes.items()}
   manifest["dtype"] = str(np.dtype(dtype))
-  manifest["num_shards"] = num_shards
+  manifest["num_shards"] = num_shards if isinstance(num_shards, int) else dict(shards)
   _write_json_atomic(os.path.join(out_dir, "manifest.json"), manifest)
   return True
 

@@ -277,12 +277,10 @@ class NextDiT(nnx.Module):
     self.source_proj = Dense(ds, d, rngs=rngs, dtype=dt)
     self.source_pool = Dense(d, cfg.cond_dim, rngs=rngs, dtype=dt)
     self.null_source = nnx.Param(jnp.zeros((d,), jnp.float32))
-    self.aligned = None
-    if cfg.aligned_conditioning:
-      if not self.grids_aligned(cfg):
-        raise ValueError("aligned_conditioning needs source and target on equal square "
-                         f"grids; got {cfg.source_shape} and {cfg.target_shape}")
-      self.aligned = Dense(d, d, rngs=rngs, dtype=dt)
+    if cfg.aligned_conditioning and not self.grids_aligned(cfg):
+      raise ValueError("aligned_conditioning needs source and target on equal square "
+                       f"grids; got {cfg.source_shape} and {cfg.target_shape}")
+    self.aligned = Dense(d, d, rngs=rngs, dtype=dt) if cfg.aligned_conditioning else None
 
     @nnx.split_rngs(splits=cfg.depth)
     @nnx.vmap(in_axes=(0,), out_axes=0)
@@ -293,13 +291,18 @@ class NextDiT(nnx.Module):
     self.final_modulation = Dense(cfg.cond_dim, d, rngs=rngs, dtype=dt, zero=True)
     self.final = Dense(d, dt_in, rngs=rngs, dtype=dt, zero=True)
 
-    head_dim = d // cfg.heads
+  @staticmethod
+  def rope_tables(cfg: ModelConfig):
+    """RoPE angles of the target tokens and, when both are grids, of the source tokens in
+    the target grid's coordinates. Trace-time constants, never parameters."""
+    head_dim = cfg.dim // cfg.heads
+    nt, ns = cfg.target_shape[0], cfg.source_shape[0]
     target_pos = grid_positions(nt)
-    self.target_angles = rope_angles(target_pos, head_dim, cfg.rope_theta)
-    self.source_angles = None
     source_pos = grid_positions(ns, frame=math.isqrt(nt))
+    target = jnp.asarray(rope_angles(target_pos, head_dim, cfg.rope_theta))
     if target_pos.shape[1] == 2 and source_pos.shape[1] == 2:
-      self.source_angles = rope_angles(source_pos, head_dim, cfg.rope_theta)
+      return target, jnp.asarray(rope_angles(source_pos, head_dim, cfg.rope_theta))
+    return target, None
 
   @staticmethod
   def grids_aligned(cfg: ModelConfig) -> bool:
@@ -318,19 +321,17 @@ class NextDiT(nnx.Module):
     if self.aligned is not None:
       h = h + self.aligned(s)
 
-    target_angles = jnp.asarray(self.target_angles)
-    source_angles = None if self.source_angles is None else jnp.asarray(self.source_angles)
+    target_angles, source_angles = self.rope_tables(cfg)
 
-    def body(block, h):
-      return block(h, s, c, target_angles, source_angles)
-    policy = REMAT_POLICIES[cfg.remat]
+    # A plain lax.scan over the stacked block parameters: one compiled block whatever the
+    # depth, and usable inside other traced loops (the ODE sampler).
+    block_def, block_state = nnx.split(self.blocks)
+
+    def body(h, state):
+      return nnx.merge(block_def, state)(h, s, c, target_angles, source_angles), None
     if cfg.remat != "none":
-      body = nnx.remat(body, policy=policy)
-
-    @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
-    def run_blocks(block, h):
-      return body(block, h)
-    h = run_blocks(self.blocks, h)
+      body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat])
+    h, _ = jax.lax.scan(body, h, block_state)
 
     scale = self.final_modulation(jax.nn.silu(c))[:, None, :]
     out = self.final(layer_norm(h) * (1 + scale))

@@ -1,0 +1,86 @@
+"""Every configuration key flowmap knows, with its default. Other configs start from this one.
+
+Override any key on the command line: `python main.py --config configs/X.py
+--config.train.steps=1000`. Unknown keys are an error (exit code 2), so a typo never
+silently falls back to a default.
+"""
+
+import ml_collections
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict()
+  c.data.dir = ""               # a features dataset (extract_features.py or the demo)
+  c.data.source = ""            # the stored feature to condition on
+  c.data.target = ""            # the stored feature to generate
+  c.data.normalize = "standardize"   # standardize | l2 | none
+  c.data.overfit_size = 0       # > 0: train and evaluate on the first N training examples
+  c.data.source_shape = ml_collections.config_dict.placeholder(tuple)  # (tokens, dim)
+  c.data.target_shape = ml_collections.config_dict.placeholder(tuple)
+  c.data.shuffle_buffer = 10_000
+  c.data.synthetic = ml_collections.ConfigDict()   # used when data.dir is empty (the demo)
+  c.data.synthetic.train_size = 4096
+  c.data.synthetic.validation_size = 512
+  c.data.synthetic.grid = 4
+  c.data.synthetic.source_dim = 48
+  c.data.synthetic.target_dim = 32
+
+  c.model = ml_collections.ConfigDict()
+  c.model.size = "small"        # tiny | small | base | large | blip3o
+  c.model.dim = 0               # > 0 overrides the named size
+  c.model.depth = 0
+  c.model.heads = 0
+  c.model.kv_heads = 0          # grouped-query attention: fewer KV heads than heads
+  c.model.mlp_ratio = 4.0
+  c.model.dtype = "float32"     # compute dtype; parameters are always float32
+  c.model.remat = "none"        # none | full | dots | dots_no_batch
+  c.model.aligned_conditioning = False  # add the source token at the same grid position
+  c.model.attention = "xla"     # xla (jax.nn.dot_product_attention) | einsum
+
+  c.flow = ml_collections.ConfigDict()
+  c.flow.time_sampling = "logit_normal"  # uniform | logit_normal | shifted
+  c.flow.logit_mean = 0.0
+  c.flow.logit_std = 1.0
+  c.flow.shift = 1.0
+  c.flow.loss_scale = 1.0
+  c.flow.cond_dropout = 0.1     # share of examples trained without source (for guidance)
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 100_000
+  c.train.batch_size = 256      # global batch, over all devices and hosts
+  c.train.lr = 3e-4
+  c.train.warmup_steps = 1000
+  c.train.min_lr_ratio = 0.0    # cosine decay to lr * min_lr_ratio
+  c.train.weight_decay = 0.01
+  c.train.b2 = 0.95
+  c.train.grad_clip = 1.0
+  c.train.ema_decay = 0.999
+  c.train.log_every = 100
+  c.train.eval_every = 5000
+  c.train.checkpoint_every = 5000
+  c.train.keep_checkpoints = 3
+  c.train.grad_accum = 1
+  c.train.skip_nonfinite = False   # True: skip non-finite updates instead of stopping
+  c.train.max_nonfinite_in_a_row = 10
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.num_images = 512
+  c.eval.solver = "heun"        # euler | heun
+  c.eval.steps = 8              # model evaluations per sample in the periodic evaluation
+  c.eval.guidance = 1.0         # classifier-free guidance scale (1 = off)
+  c.eval.batch_size = 128
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1              # -1: every device not used by fsdp
+  c.mesh.fsdp = 1
+
+  c.map = ml_collections.ConfigDict()
+  c.map.input = ""
+  c.map.output = ""
+
+  c.wandb = ml_collections.ConfigDict()
+  c.wandb.project = ""          # empty: no W&B
+  return c

@@ -1,0 +1,618 @@
+"""Image encoders for feature extraction: Hugging Face and timm vision towers behind one
+interface, each with the preprocessing its own checkpoint prescribes.
+
+An encoder is named on the command line as ``NAME=SOURCE[,option=value...]``:
+
+  clip=hf:openai/clip-vit-large-patch14             patch tokens of the last block (CLS dropped)
+  clip_pooled=hf:openai/clip-vit-large-patch14,tokens=pooled   the projected image embedding
+  eva=timm:eva02_large_patch14_clip_224.merged2b_s4b_b131k,layer=-2
+
+Options: ``layer`` (-1, the default, is the last block's output before the final norm, the
+features BLIP3-o and the earlier projects diffuse; -2 the penultimate; N > 0 after N blocks),
+``tokens`` (``patch`` or ``pooled``), ``cls`` (``drop``, the default, or ``keep`` the prefix
+tokens: CLS and any registers) and, for ``hf:`` checkpoints that ship no image processor
+config (EVA-CLIP-8B), ``processor=<hub id or dir>`` naming one.
+
+Encoders that name the same checkpoint share one loaded network and one forward pass.
+Preprocessing is split in two: the geometric part (resize, centre crop) runs on uint8 PIL
+images in the decoding workers and is shared by every encoder with the same geometry; the
+arithmetic part (rescale, mean/std) runs on the device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.machinery
+import importlib.util
+import math
+import os
+import re
+import sys
+from typing import Iterable, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+
+
+def _make_torchvision_importable() -> None:
+  """Lets ``import torchvision`` (hence timm, and transformers' image processors) succeed
+  when torchvision's compiled ops cannot load.
+
+  The torchvision wheel that pip resolves next to a CPU-only torch is a CUDA build whose
+  ``_C`` extension fails to load (missing CUDA libraries). torchvision guards all its
+  import-time op registrations with ``_has_ops()`` except the fake (meta) kernels of ``nms``
+  and ``qnms``, which it registers unconditionally, so the import dies with "operator
+  torchvision::nms does not exist". Encoders never call torchvision ops; defining the two
+  schemas (no kernels) lets that registration succeed, and any actual call of those ops
+  still fails loudly. When the extension does load, it is loaded here exactly as
+  torchvision would and nothing is defined.
+  """
+  if "torchvision" in sys.modules:
+    return
+  spec = importlib.util.find_spec("torchvision")
+  if spec is None or not spec.submodule_search_locations:
+    return
+  lib_dir = list(spec.submodule_search_locations)[0]
+  finder = importlib.machinery.FileFinder(
+      lib_dir, (importlib.machinery.ExtensionFileLoader, importlib.machinery.EXTENSION_SUFFIXES))
+  extension = finder.find_spec("_C")
+  if extension is not None:
+    try:
+      torch.ops.load_library(extension.origin)
+      return
+    except OSError:
+      pass
+  for op in ("nms", "qnms"):
+    try:
+      getattr(torch.ops.torchvision, op)
+    except (AttributeError, RuntimeError):
+      torch.library.define(f"torchvision::{op}",
+                           "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+
+
+_make_torchvision_importable()
+
+TOKEN_KINDS = ("patch", "pooled")
+_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_RESERVED_NAMES = ("key", "caption")
+_OPTION_RE = re.compile(r",(layer|tokens|cls|processor)=([^,]*)$")
+
+
+class EncoderError(ValueError):
+  """An encoder that cannot be named, loaded or run: a configuration error, not a data one."""
+
+
+# ----------------------------------------------------------------------------- specs
+
+@dataclasses.dataclass(frozen=True)
+class EncoderSpec:
+  """One stored feature: which network, which layer, which tokens."""
+  name: str
+  source: str                     # "hf:<id or dir>" or "timm:<name or local-dir:PATH>"
+  layer: int = -1
+  tokens: str = "patch"
+  keep_cls: bool = False
+  processor: Optional[str] = None
+
+  @classmethod
+  def parse(cls, text: str) -> "EncoderSpec":
+    """``NAME=SOURCE[,layer=L][,tokens=patch|pooled][,cls=drop|keep][,processor=ID]``.
+
+    Options are peeled off the end, so a path containing commas still works as long as
+    no part of it looks like an option."""
+    name, sep, rest = text.partition("=")
+    if not sep or not rest:
+      raise EncoderError(f"--encoder {text!r}: expected NAME=SOURCE, e.g. "
+                         "clip=hf:openai/clip-vit-large-patch14")
+    name = name.strip()
+    if not _NAME_RE.match(name) or name in _RESERVED_NAMES:
+      raise EncoderError(f"--encoder {text!r}: the name {name!r} must be an identifier other "
+                         f"than {', '.join(_RESERVED_NAMES)}")
+    options = {}
+    while True:
+      m = _OPTION_RE.search(rest)
+      if not m:
+        break
+      if m.group(1) in options:
+        raise EncoderError(f"--encoder {text!r}: option {m.group(1)} given twice")
+      options[m.group(1)] = m.group(2)
+      rest = rest[:m.start()]
+    source = rest.strip()
+    kind, sep, ref = source.partition(":")
+    if kind not in ("hf", "timm") or not sep or not ref:
+      raise EncoderError(f"--encoder {text!r}: the source must be hf:<hub id or dir> or "
+                         "timm:<model name or local-dir:PATH>")
+    try:
+      layer = int(options.get("layer", "-1"))
+    except ValueError:
+      raise EncoderError(f"--encoder {text!r}: layer must be an integer") from None
+    tokens = options.get("tokens", "patch")
+    if tokens not in TOKEN_KINDS:
+      raise EncoderError(f"--encoder {text!r}: tokens must be one of {TOKEN_KINDS}")
+    cls_opt = options.get("cls", "drop")
+    if cls_opt not in ("drop", "keep"):
+      raise EncoderError(f"--encoder {text!r}: cls must be drop or keep")
+    processor = options.get("processor") or None
+    if processor and kind != "hf":
+      raise EncoderError(f"--encoder {text!r}: processor= applies to hf: encoders only")
+    return cls(name, source, layer, tokens, cls_opt == "keep", processor)
+
+  def to_json(self) -> dict:
+    return {"name": self.name, "spec": self.source, "layer": self.layer,
+            "tokens": self.tokens, "cls": "keep" if self.keep_cls else "drop",
+            "processor": self.processor}
+
+  @property
+  def network_key(self) -> tuple:
+    return (self.source, self.processor)
+
+
+def check_unique(specs: Sequence[EncoderSpec]) -> None:
+  names = [s.name for s in specs]
+  dupes = sorted({n for n in names if names.count(n) > 1})
+  if dupes:
+    raise EncoderError(f"encoder names must be unique; repeated: {', '.join(dupes)}")
+  if not specs:
+    raise EncoderError("no --encoder given")
+
+
+# ----------------------------------------------------------------------------- preprocessing
+
+_PIL_RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4,
+                 "hamming": 5}
+_RESAMPLE_NAMES = {v: k for k, v in _PIL_RESAMPLE.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+  """Resize then centre-crop, on uint8 images, exactly as the reference pipeline does.
+
+  ``resize`` is ("shortest", s, s): shorter side to s keeping the aspect ratio (long side
+  truncated, as both transformers and torchvision compute it), ("exact", h, w), or None.
+  ``crop_rounding`` is how the crop offset is rounded: "floor" (transformers) or "round"
+  (torchvision, which timm uses).
+  """
+  resize: Optional[tuple]
+  resample: int
+  crop: Optional[tuple]
+  crop_rounding: str = "floor"
+
+  @property
+  def output_size(self) -> tuple:
+    if self.crop is not None:
+      return tuple(self.crop)
+    if self.resize is not None and self.resize[0] == "exact":
+      return tuple(self.resize[1:])
+    raise EncoderError(f"preprocessing {self} gives images of varying size")
+
+  def resized_size(self, width: int, height: int) -> tuple:
+    """(width, height) after the resize step."""
+    if self.resize is None:
+      return width, height
+    kind, a, b = self.resize
+    if kind == "exact":
+      return b, a
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = a, int(a * long / short)
+    return (new_short, new_long) if width <= height else (new_long, new_short)
+
+  def apply(self, image) -> np.ndarray:
+    """PIL RGB image -> uint8 array [h, w, 3]."""
+    size = self.resized_size(*image.size)
+    if size != image.size:
+      image = image.resize(size, resample=self.resample)
+    array = np.asarray(image)
+    if self.crop is not None:
+      ch, cw = self.crop
+      h, w = array.shape[:2]
+      if ch > h or cw > w:
+        raise ValueError(f"image of {w}x{h} px is smaller than the crop {cw}x{ch}")
+      if self.crop_rounding == "round":
+        top, left = int(round((h - ch) / 2.0)), int(round((w - cw) / 2.0))
+      else:
+        top, left = (h - ch) // 2, (w - cw) // 2
+      array = array[top:top + ch, left:left + cw]
+    return np.ascontiguousarray(array)
+
+  def check(self) -> None:
+    """Rejects a geometry whose crop can exceed the resized image."""
+    out = self.output_size
+    if self.crop is not None and self.resize is not None:
+      kind, a, b = self.resize
+      small = (a, a) if kind == "shortest" else (a, b)
+      if small[0] < out[0] or small[1] < out[1]:
+        raise EncoderError(f"resize to {self.resize} is smaller than the crop {self.crop}")
+    elif self.crop is not None:
+      raise EncoderError("a centre crop without a resize depends on the image size")
+
+  def to_json(self) -> dict:
+    return {"resize": list(self.resize) if self.resize else None,
+            "resample": _RESAMPLE_NAMES.get(self.resample, self.resample),
+            "crop": list(self.crop) if self.crop else None, "crop_rounding": self.crop_rounding}
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocess:
+  geometry: Geometry
+  rescale: Optional[float]
+  mean: Optional[tuple]
+  std: Optional[tuple]
+
+  def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, h, w, 3] on the device -> float32 [B, 3, h, w] the network expects."""
+    x = pixels.permute(0, 3, 1, 2).to(torch.float32)
+    if self.rescale is not None:
+      x = x * self.rescale
+    if self.mean is not None:
+      mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+      std = torch.tensor(self.std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+      x = (x - mean) / std
+    return x
+
+  def to_json(self) -> dict:
+    return {**self.geometry.to_json(), "rescale": self.rescale,
+            "mean": list(self.mean) if self.mean else None,
+            "std": list(self.std) if self.std else None}
+
+
+def _size_field(size, key):
+  if size is None:
+    return None
+  if isinstance(size, Mapping):
+    return size.get(key)
+  return getattr(size, key, None)
+
+
+def preprocess_from_hf_processor(processor) -> Preprocess:
+  """The PIL pipeline of a transformers image processor (``backend="pil"``, the one the
+  CLIP family was trained with), read from its attributes."""
+  size, crop_size = getattr(processor, "size", None), getattr(processor, "crop_size", None)
+  if getattr(processor, "do_pad", False):
+    raise EncoderError(f"{type(processor).__name__}: padding processors are not supported")
+  resize = None
+  if getattr(processor, "do_resize", True):
+    short, longest = _size_field(size, "shortest_edge"), _size_field(size, "longest_edge")
+    height, width = _size_field(size, "height"), _size_field(size, "width")
+    if isinstance(size, int):
+      short = size
+    if short and not longest:
+      resize = ("shortest", int(short), int(short))
+    elif height and width:
+      resize = ("exact", int(height), int(width))
+    else:
+      raise EncoderError(f"{type(processor).__name__}: unsupported resize size {size}")
+  crop = None
+  if getattr(processor, "do_center_crop", False):
+    ch, cw = _size_field(crop_size, "height"), _size_field(crop_size, "width")
+    if isinstance(crop_size, int):
+      ch = cw = crop_size
+    if not (ch and cw):
+      raise EncoderError(f"{type(processor).__name__}: unsupported crop size {crop_size}")
+    crop = (int(ch), int(cw))
+  resample = getattr(processor, "resample", None)
+  resample = 2 if resample is None else int(resample)
+  geometry = Geometry(resize, resample, crop, "floor")
+  geometry.check()
+  rescale = float(processor.rescale_factor) if getattr(processor, "do_rescale", True) else None
+  mean = std = None
+  if getattr(processor, "do_normalize", True):
+    mean, std = processor.image_mean, processor.image_std
+    mean = tuple(float(v) for v in (mean if isinstance(mean, Iterable) else [mean] * 3))
+    std = tuple(float(v) for v in (std if isinstance(std, Iterable) else [std] * 3))
+  return Preprocess(geometry, rescale, mean, std)
+
+
+def preprocess_from_timm_config(config: Mapping) -> Preprocess:
+  """timm's evaluation transform (``transforms_imagenet_eval``) for a resolved data config."""
+  _, h, w = config["input_size"]
+  crop_pct = config.get("crop_pct") or 0.875
+  crop_mode = config.get("crop_mode") or "center"
+  interpolation = config.get("interpolation", "bilinear")
+  if interpolation not in _PIL_RESAMPLE:
+    raise EncoderError(f"timm interpolation {interpolation!r} is not supported")
+  scale = (math.floor(h / crop_pct), math.floor(w / crop_pct))
+  if crop_mode == "squash":
+    resize = ("exact", *scale)
+  elif crop_mode == "center" and scale[0] == scale[1]:
+    resize = ("shortest", *scale)
+  else:
+    raise EncoderError(f"timm crop mode {crop_mode!r} with input size {(h, w)} is not supported")
+  geometry = Geometry(resize, _PIL_RESAMPLE[interpolation], (int(h), int(w)), "round")
+  geometry.check()
+  return Preprocess(geometry, 1.0 / 255.0, tuple(float(v) for v in config["mean"]),
+                    tuple(float(v) for v in config["std"]))
+
+
+# ----------------------------------------------------------------------------- networks
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {text[0] if text else ''}"
+
+
+class Network:
+  """One loaded vision tower; returns the hidden states and pooled embedding its encoders
+  ask for, from a single forward pass."""
+
+  kind = ""
+
+  def __init__(self, source: str, module: torch.nn.Module, preprocess: Preprocess):
+    self.source, self.module, self.preprocess = source, module, preprocess
+    self.depth = 0
+    self.num_prefix = 0
+
+  def forward(self, pixels: torch.Tensor, layers: Sequence[int], pooled: bool):
+    """-> ({layer: [B, prefix + patches, D]}, [B, E] or None)."""
+    raise NotImplementedError
+
+  def check_layer(self, spec: EncoderSpec) -> None:
+    if not -self.depth <= spec.layer <= self.depth:
+      raise EncoderError(f"encoder {spec.name}: layer {spec.layer} is out of range for "
+                         f"{self.source}, which has {self.depth} blocks")
+
+
+class HFNetwork(Network):
+  kind = "hf"
+
+  def __init__(self, source, module, preprocess, tower, projection, patch_size):
+    super().__init__(source, module, preprocess)
+    self.tower, self.projection, self.patch_size = tower, projection, patch_size
+
+  def forward(self, pixels, layers, pooled):
+    out = self.tower(pixel_values=pixels, output_hidden_states=True)
+    hidden = out.hidden_states
+    states = {layer: hidden[layer] for layer in layers}
+    embedding = None
+    if pooled:
+      embedding = getattr(out, "pooler_output", None)
+      if embedding is None:
+        raise EncoderError(f"{self.source} returns no pooled output; use tokens=patch")
+      if self.projection is not None:
+        embedding = self.projection(embedding)
+    return states, embedding
+
+
+class TimmNetwork(Network):
+  kind = "timm"
+
+  def forward(self, pixels, layers, pooled):
+    model = self.module
+    if not layers:
+      return {}, model(pixels)
+    indices = [layer - 1 if layer > 0 else self.depth + layer for layer in layers]
+    with_prefix = self.num_prefix > 0
+    final, intermediates = model.forward_intermediates(
+        pixels, indices=sorted(set(indices)), norm=False, output_fmt="NLC",
+        return_prefix_tokens=with_prefix)
+    by_index = {}
+    for index, y in zip(sorted(set(indices)), intermediates):
+      if with_prefix:
+        spatial, prefix = y
+        y = torch.cat([prefix, spatial], dim=1)
+      by_index[index] = y
+    states = {layer: by_index[index] for layer, index in zip(layers, indices)}
+    return states, model.forward_head(final) if pooled else None
+
+  def check_layer(self, spec):
+    super().check_layer(spec)
+    if spec.tokens == "patch" and spec.layer == 0:
+      raise EncoderError(f"encoder {spec.name}: layer 0 (the embeddings) is not available "
+                         "from timm models; layers count blocks from 1, or from the end")
+
+
+def _check_local_dir(source: str, path: str, marker: str, always: bool = False) -> None:
+  """A clear error for a local checkpoint folder that is not there (rather than the hub's
+  complaint about an invalid repository id)."""
+  looks_local = always or path.startswith(("/", "./", "../", "~")) or os.path.exists(path)
+  if not looks_local:
+    return
+  path = os.path.expanduser(path)
+  if not os.path.isdir(path):
+    raise EncoderError(f"{source}: no such directory")
+  if not os.path.exists(os.path.join(path, marker)):
+    raise EncoderError(f"{source}: the directory holds no {marker}")
+
+
+def load_hf(ref: str, processor_ref: Optional[str], trust_remote_code: bool,
+            dtype: Optional[torch.dtype]) -> HFNetwork:
+  import transformers
+  from transformers import AutoConfig, AutoImageProcessor, AutoModel
+  transformers.utils.logging.set_verbosity_error()
+  transformers.utils.logging.disable_progress_bar()
+  source = f"hf:{ref}"
+  _check_local_dir(source, ref, "config.json")
+  try:
+    config = AutoConfig.from_pretrained(ref, trust_remote_code=trust_remote_code)
+  except Exception as e:  # noqa: BLE001 - any failure to load is one configuration error
+    hint = (" (it ships its own code: pass --trust_remote_code to run it)"
+            if "trust_remote_code" in str(e) and not trust_remote_code else "")
+    raise EncoderError(f"cannot load {source}: {_first_line(e)}{hint}") from None
+  try:
+    processor = AutoImageProcessor.from_pretrained(processor_ref or ref, backend="pil",
+                                                   trust_remote_code=trust_remote_code)
+  except Exception as e:  # noqa: BLE001
+    raise EncoderError(
+        f"cannot load the image processor of {source} ({_first_line(e)}); name one with "
+        f"processor=<hub id or dir>, e.g. processor=openai/clip-vit-large-patch14") from None
+  preprocess = preprocess_from_hf_processor(processor)
+  try:
+    if config.model_type in ("clip", "clip_vision_model"):
+      # The vision tower and its projection only: the text tower is never loaded.
+      model = transformers.CLIPVisionModelWithProjection.from_pretrained(
+          ref, dtype=dtype or torch.float32)
+    else:
+      model = AutoModel.from_pretrained(ref, trust_remote_code=trust_remote_code,
+                                        dtype=dtype or torch.float32)
+  except Exception as e:  # noqa: BLE001
+    raise EncoderError(f"cannot load {source}: {_first_line(e)}") from None
+  tower = getattr(model, "vision_model", model)
+  projection = getattr(model, "visual_projection", None)
+  vision_config = getattr(config, "vision_config", None) or config
+  patch_size = getattr(vision_config, "patch_size", None)
+  return HFNetwork(source, model.eval(), preprocess, tower, projection, patch_size)
+
+
+def load_timm(ref: str, dtype: Optional[torch.dtype]) -> TimmNetwork:
+  import timm
+  source = f"timm:{ref}"
+  if ref.startswith("local-dir:"):
+    _check_local_dir(source, ref[len("local-dir:"):], "config.json", always=True)
+  try:
+    model = timm.create_model(ref, pretrained=True)
+  except Exception as e:  # noqa: BLE001
+    known = ""
+    if "Invalid pretrained tag" in str(e):   # e.g. open_clip's tag names
+      known = "; timm knows " + ", ".join(timm.list_pretrained(ref.split(".")[0] + ".*"))
+    raise EncoderError(f"cannot load {source}: {_first_line(e)}{known}") from None
+  if not hasattr(model, "forward_intermediates"):
+    raise EncoderError(f"{source}: the model has no forward_intermediates (not a ViT?)")
+  data_config = timm.data.resolve_model_data_config(model)
+  preprocess = preprocess_from_timm_config(data_config)
+  if dtype is not None:
+    model = model.to(dtype)
+  net = TimmNetwork(source, model.eval(), preprocess)
+  net.num_prefix = int(getattr(model, "num_prefix_tokens", 0) or 0)
+  net.depth = len(model.blocks)
+  return net
+
+
+# ----------------------------------------------------------------------------- encoders
+
+class Encoders:
+  """Every requested feature, computed from one batch of images in one pass per network.
+
+  ``encode`` takes the uint8 images of each geometry (``geometries`` lists them) and
+  returns float32 numpy arrays [B, tokens, dim] per encoder name.
+  """
+
+  def __init__(self, specs: Sequence[EncoderSpec], networks: Mapping[tuple, Network],
+               device: torch.device, autocast_dtype: Optional[torch.dtype]):
+    self.specs = list(specs)
+    self.networks = dict(networks)
+    self.device, self.autocast_dtype = device, autocast_dtype
+    self.geometries = sorted({n.preprocess.geometry for n in self.networks.values()},
+                             key=lambda g: repr(g))
+    self.shapes: dict[str, tuple] = {}
+
+  def geometry_index(self, network: Network) -> int:
+    return self.geometries.index(network.preprocess.geometry)
+
+  def _autocast(self):
+    if self.autocast_dtype is None:
+      return torch.autocast(self.device.type, enabled=False)
+    return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+  def encode(self, images: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+    """``images[g]``: uint8 [B, h, w, 3] for geometry g."""
+    outputs = {}
+    with torch.inference_mode(), self._autocast():
+      for key, net in self.networks.items():
+        specs = [s for s in self.specs if s.network_key == key]
+        pixels = torch.from_numpy(images[self.geometry_index(net)])
+        if self.device.type == "cuda":
+          pixels = pixels.pin_memory().to(self.device, non_blocking=True)
+        x = net.preprocess.normalize(pixels)
+        param = next(net.module.parameters())
+        x = x.to(param.dtype)
+        layers = sorted({s.layer for s in specs if s.tokens == "patch"})
+        states, pooled = net.forward(x, layers, any(s.tokens == "pooled" for s in specs))
+        for s in specs:
+          if s.tokens == "pooled":
+            y = pooled[:, None, :]
+          else:
+            y = states[s.layer]
+            if not s.keep_cls:
+              y = y[:, net.num_prefix:]
+          outputs[s.name] = y.float().cpu().numpy()
+    return outputs
+
+  def describe(self) -> list[dict]:
+    out = []
+    for s in self.specs:
+      net = self.networks[s.network_key]
+      out.append({**s.to_json(), "shape": list(self.shapes[s.name]),
+                  "preprocess": net.preprocess.to_json()})
+    return out
+
+
+def resolve_device(device: str) -> torch.device:
+  if device == "auto":
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+  if device == "cuda" and not torch.cuda.is_available():
+    raise EncoderError("--device cuda: no CUDA device is available to torch")
+  if device not in ("cpu", "cuda"):
+    raise EncoderError(f"--device must be auto, cpu or cuda, not {device!r}")
+  return torch.device(device)
+
+
+def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dtype]:
+  """The autocast (and weight) dtype: bfloat16 on GPUs that have it, float16 on older ones,
+  float32 (None) on CPUs unless asked otherwise."""
+  table = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+  if precision == "auto":
+    if device.type != "cuda":
+      return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+  if precision not in table:
+    raise EncoderError(f"--precision must be auto, float32, bfloat16 or float16, "
+                       f"not {precision!r}")
+  return table[precision]
+
+
+def load_encoders(specs: Sequence[EncoderSpec], device: torch.device,
+                  autocast_dtype: Optional[torch.dtype] = None,
+                  trust_remote_code: bool = False) -> Encoders:
+  """Loads each distinct network once, runs one dummy image through it to learn depth,
+  prefix length and feature shapes, and checks every encoder's options against them."""
+  check_unique(specs)
+  networks = {}
+  for spec in specs:
+    if spec.network_key in networks:
+      continue
+    kind, _, ref = spec.source.partition(":")
+    weight_dtype = autocast_dtype if device.type == "cuda" else None
+    if kind == "hf":
+      net = load_hf(ref, spec.processor, trust_remote_code, weight_dtype)
+    else:
+      net = load_timm(ref, weight_dtype)
+    net.module.to(device)
+    networks[spec.network_key] = net
+  encoders = Encoders(specs, networks, device, autocast_dtype)
+  for key, net in networks.items():
+    if isinstance(net, HFNetwork):
+      _probe_hf(net, [s for s in specs if s.network_key == key], device)
+    for spec in specs:
+      if spec.network_key == key and spec.tokens == "patch":
+        net.check_layer(spec)
+  dummies = [np.zeros((1, *g.output_size, 3), np.uint8) for g in encoders.geometries]
+  try:
+    outputs = encoders.encode(dummies)
+  except EncoderError:
+    raise
+  except Exception as e:  # noqa: BLE001
+    raise EncoderError(f"a forward pass of {', '.join(n.source for n in networks.values())} "
+                       f"failed: {_first_line(e)}") from None
+  encoders.shapes = {s.name: tuple(outputs[s.name].shape[1:]) for s in specs}
+  return encoders
+
+
+def _probe_hf(net: HFNetwork, specs: Sequence[EncoderSpec], device: torch.device) -> None:
+  """Depth and number of prefix tokens (CLS, registers) of a transformers tower."""
+  h, w = net.preprocess.geometry.output_size
+  try:
+    with torch.inference_mode():
+      x = net.preprocess.normalize(torch.zeros((1, h, w, 3), dtype=torch.uint8, device=device))
+      x = x.to(next(net.module.parameters()).dtype)
+      out = net.tower(pixel_values=x, output_hidden_states=True)
+  except Exception as e:  # noqa: BLE001
+    raise EncoderError(f"{net.source}: a forward pass failed: {_first_line(e)}") from None
+  if getattr(out, "hidden_states", None) is None:
+    raise EncoderError(f"{net.source}: the model returns no hidden states")
+  net.depth = len(out.hidden_states) - 1
+  seq = out.hidden_states[-1].shape[1]
+  if net.patch_size:
+    patch = net.patch_size if isinstance(net.patch_size, int) else net.patch_size[0]
+    net.num_prefix = max(seq - (h // patch) * (w // patch), 0)
+  elif any(s.tokens == "patch" and not s.keep_cls for s in specs):
+    raise EncoderError(f"{net.source}: no patch_size in its config, so prefix tokens cannot "
+                       "be told from patch tokens; use cls=keep")

@@ -1,0 +1,535 @@
+"""The training loop, top to bottom: setup, data, state, checkpoint, step, evaluation, loop.
+
+Every random stream is a function of (config.seed, step) and the data order a function of
+config.seed, so a resumed run sees the batches and noise the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+
+from flowmap import checkpoint as checkpoint_lib
+from flowmap import data as data_lib
+from flowmap import evaluate as evaluate_lib
+from flowmap import flow
+from flowmap import model as model_lib
+from flowmap import sharding
+
+
+class ConfigError(ValueError):
+  """A configuration, or a dataset that does not fit it; reported before any work."""
+
+
+class NonFiniteError(RuntimeError):
+  """The loss or the gradient stopped being finite."""
+
+
+# ----------------------------------------------------------------------------- config
+
+def validate_config(config) -> None:
+  c = config
+  problems = []
+  if c.train.steps <= 0:
+    problems.append(f"train.steps must be positive, got {c.train.steps}")
+  if c.train.lr <= 0:
+    problems.append(f"train.lr must be positive, got {c.train.lr}")
+  if c.train.batch_size <= 0:
+    problems.append(f"train.batch_size must be positive, got {c.train.batch_size}")
+  if c.train.grad_accum < 1 or c.train.batch_size % c.train.grad_accum:
+    problems.append(f"train.batch_size {c.train.batch_size} must split into "
+                    f"train.grad_accum={c.train.grad_accum} equal micro-batches")
+  for key in ("log_every", "eval_every", "checkpoint_every"):
+    if c.train[key] <= 0:
+      problems.append(f"train.{key} must be positive, got {c.train[key]}")
+  if c.data.normalize not in data_lib.NORMALIZATIONS:
+    problems.append(f"data.normalize must be one of {data_lib.NORMALIZATIONS}, "
+                    f"got {c.data.normalize!r}")
+  if c.eval.solver not in flow.SOLVERS:
+    problems.append(f"eval.solver must be one of {flow.SOLVERS}, got {c.eval.solver!r}")
+  elif c.eval.solver == "heun" and c.eval.steps % 2:
+    problems.append(f"eval.steps counts model evaluations; heun needs an even number, "
+                    f"got {c.eval.steps}")
+  if c.eval.steps < 1:
+    problems.append(f"eval.steps must be >= 1, got {c.eval.steps}")
+  if c.flow.time_sampling not in flow.TIME_SAMPLINGS:
+    problems.append(f"flow.time_sampling must be one of {flow.TIME_SAMPLINGS}")
+  if c.model.size not in model_lib.SIZES:
+    problems.append(f"model.size must be one of {list(model_lib.SIZES)}, got {c.model.size!r}")
+  if c.model.remat not in model_lib.REMAT_POLICIES:
+    problems.append(f"model.remat must be one of {list(model_lib.REMAT_POLICIES)}")
+  if c.model.dtype not in ("float32", "bfloat16", "float16"):
+    problems.append(f"model.dtype must be float32, bfloat16 or float16, got {c.model.dtype!r}")
+  if not c.data.source or not c.data.target:
+    problems.append("data.source and data.target must name stored features")
+  if problems:
+    raise ConfigError("; ".join(problems))
+
+
+def _shape_or_none(value):
+  return None if value is None else tuple(int(v) for v in value)
+
+
+def resolve_data(config, workdir: str) -> tuple[str, dict]:
+  """The dataset directory (the demo writes its synthetic one into the workdir) and stats,
+  after checking that it holds the named features in the configured shapes."""
+  data_dir = config.data.dir
+  if not data_dir:
+    data_dir = os.path.join(workdir, "data")
+    if jax.process_index() == 0:
+      from flowmap import synthetic
+      s = config.data.synthetic
+      synthetic.write_demo_dataset(
+          data_dir, train_size=s.train_size, validation_size=s.validation_size,
+          seed=config.seed, grid=s.grid, source_dim=s.source_dim, target_dim=s.target_dim)
+    _sync("synthetic-data")
+  if not os.path.isdir(data_dir):
+    raise ConfigError(f"data.dir {data_dir!r} does not exist; extract features into it "
+                      "with extract_features.py or leave data.dir empty for the demo")
+  try:
+    stats = data_lib.load_stats(data_dir)
+    for role in ("source", "target"):
+      name = config.data[role]
+      shape = data_lib.feature_shape(stats, name)
+      wanted = _shape_or_none(config.data[f"{role}_shape"])
+      if wanted is not None and wanted != shape:
+        raise ConfigError(f"data.{role}_shape is {wanted} but feature {name!r} in "
+                          f"{data_dir} has shape {shape}")
+  except data_lib.DataError as e:
+    raise ConfigError(f"{data_dir}: {e}") from None
+  return data_dir, stats
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+# ----------------------------------------------------------------------------- state
+
+def make_optimizer(config) -> optax.GradientTransformation:
+  t = config.train
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=t.lr, warmup_steps=min(t.warmup_steps, t.steps),
+      decay_steps=max(t.steps, t.warmup_steps + 1), end_value=t.lr * t.min_lr_ratio)
+
+  def decay_mask(params):
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: "kernel" in jax.tree_util.keystr(path), params)
+
+  return optax.chain(
+      optax.clip_by_global_norm(t.grad_clip),
+      optax.adamw(schedule, b1=0.9, b2=t.b2, weight_decay=t.weight_decay, mask=decay_mask))
+
+
+def create_model(model_cfg: model_lib.ModelConfig, seed: int) -> model_lib.NextDiT:
+  return model_lib.NextDiT(model_cfg, rngs=nnx.Rngs(params=seed))
+
+
+def abstract_state(model_cfg, tx, seed):
+  """Shapes of the train state and the model's graphdef, without allocating anything."""
+  def init():
+    graphdef, params = nnx.split(create_model(model_cfg, seed))
+    return {"step": jnp.zeros((), jnp.int32), "params": params,
+            "opt_state": tx.init(params), "ema": params}
+  graphdef = nnx.split(nnx.eval_shape(lambda: create_model(model_cfg, seed)))[0]
+  return graphdef, init, jax.eval_shape(init)
+
+
+def create_state(model_cfg, tx, seed, mesh):
+  """The train state created directly in its shardings (no host copy of the parameters)."""
+  graphdef, init, shapes = abstract_state(model_cfg, tx, seed)
+  shardings = sharding.state_shardings(shapes, mesh)
+  state = jax.jit(init, out_shardings=shardings)()
+  return graphdef, state, shardings
+
+
+# ----------------------------------------------------------------------------- step
+
+def _per_example(key, x1, config):
+  """Times, noise and condition dropout for a whole batch, per example, so that gradient
+  accumulation sees exactly the draws the same batch would see in one piece."""
+  k_t, k_n, k_d = jax.random.split(key, 3)
+  f = config.flow
+  t = flow.sample_time(k_t, x1.shape[0], f.time_sampling, f.logit_mean, f.logit_std, f.shift)
+  noise = jax.random.normal(k_n, x1.shape, jnp.float32)
+  drop = flow.condition_dropout(k_d, x1.shape[0], f.cond_dropout)
+  return t, noise, drop
+
+
+def _global_norm(tree) -> jax.Array:
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+def _per_block_norm(blocks_tree) -> jax.Array:
+  """Norm of each stacked block's slice: [depth]."""
+  leaves = jax.tree.leaves(blocks_tree)
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32)).reshape(x.shape[0], -1), 1)
+                      for x in leaves))
+
+
+def make_train_step(config, graphdef, tx):
+  velocity = evaluate_lib.make_velocity(graphdef)
+  accum = config.train.grad_accum
+  seed = config.seed
+  skip_nonfinite = config.train.skip_nonfinite
+  ema_decay = config.train.ema_decay
+
+  def loss_fn(params, source, x1, t, noise, drop):
+    xt = flow.interpolate(noise, x1, t)
+    target = flow.target_velocity(noise, x1)
+    pred = velocity(params, xt, t, source, drop)
+    per_example = jnp.mean(jnp.square(pred - target), axis=(1, 2))
+    loss = config.flow.loss_scale * jnp.mean(per_example)
+    p, v = pred.reshape(len(pred), -1), target.reshape(len(target), -1)
+    cos = jnp.sum(p * v, -1) / jnp.maximum(
+        jnp.linalg.norm(p, axis=-1) * jnp.linalg.norm(v, axis=-1), 1e-12)
+    return loss, (per_example, cos)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def train_step(state, batch):
+    params = state["params"]
+    key = jax.random.fold_in(jax.random.key(seed), state["step"])
+    source, x1 = batch["source"], batch["target"]
+    t, noise, drop = _per_example(key, x1, config)
+    if accum == 1:
+      (loss, (per_example, cos)), grads = grad_fn(params, source, x1, t, noise, drop)
+    else:
+      # Interleaved micro-batches (rows i, i + accum, ...) keep every device's rows local.
+      split = lambda x: jnp.swapaxes(x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), 0, 1)
+      micro = jax.tree.map(split, (source, x1, t, noise, drop))
+
+      def body(grads, mb):
+        (l, aux), g = grad_fn(params, *mb)
+        return jax.tree.map(jnp.add, grads, g), (l, aux)
+      zeros = jax.tree.map(jnp.zeros_like, params)
+      grads, (losses, (per_ex, coss)) = jax.lax.scan(body, zeros, micro)
+      grads = jax.tree.map(lambda g: g / accum, grads)
+      loss = jnp.mean(losses)
+      unsplit = lambda x: jnp.swapaxes(x, 0, 1).reshape(-1)
+      per_example, cos = unsplit(per_ex), unsplit(coss)
+
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    new_params = optax.apply_updates(params, updates)
+    step = state["step"]
+    decay = jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step))
+    ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state["ema"], new_params)
+
+    grad_norm = _global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new_state = {"step": step + 1, "params": new_params, "opt_state": opt_state, "ema": ema}
+    if skip_nonfinite:
+      keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+      new_state = {"step": step + 1, "params": keep(new_params, params),
+                   "opt_state": keep(opt_state, state["opt_state"]),
+                   "ema": keep(ema, state["ema"])}
+
+    param_norm = _global_norm(params)
+    buckets = jnp.clip((t * 4).astype(jnp.int32), 0, 3)
+    metrics = {
+        "loss": loss, "grad_norm": grad_norm, "param_norm": param_norm,
+        "update_ratio": _global_norm(updates) / jnp.maximum(param_norm, 1e-12),
+        "velocity_cosine": jnp.mean(cos), "nonfinite": 1.0 - finite.astype(jnp.float32),
+        "grad_norm_blocks": _per_block_norm(grads["blocks"]),
+    }
+    for q in range(4):
+      mask = (buckets == q).astype(jnp.float32)
+      metrics[f"loss_t{q}_sum"] = jnp.sum(per_example * mask)
+      metrics[f"loss_t{q}_count"] = jnp.sum(mask)
+    return new_state, metrics
+
+  return train_step
+
+
+# ----------------------------------------------------------------------------- logging
+
+class MetricWriter:
+  """metrics.jsonl + TensorBoard (+ W&B when configured); writes on process 0 only."""
+
+  def __init__(self, workdir: str, config, enabled: bool):
+    self.enabled = enabled
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.tb = None
+    self.wandb = None
+    if not enabled:
+      return
+    import tensorflow as tf
+    tf.config.set_visible_devices([], "GPU")
+    self.tb = tf.summary.create_file_writer(workdir)
+    if config.wandb.project:
+      import wandb
+      self.wandb = wandb.init(project=config.wandb.project, dir=workdir,
+                              config=config.to_dict(), resume="allow",
+                              id=_wandb_id(workdir))
+
+  def write(self, step: int, scalars: dict) -> None:
+    if not self.enabled or not scalars:
+      return
+    scalars = {k: float(v) for k, v in scalars.items()}
+    with open(self.path, "a") as f:
+      f.write(json.dumps({"step": int(step), **scalars}) + "\n")
+    import tensorflow as tf
+    with self.tb.as_default(step=int(step)):
+      for k, v in scalars.items():
+        tf.summary.scalar(k, v)
+    self.tb.flush()
+    if self.wandb is not None:
+      self.wandb.log(scalars, step=int(step))
+
+  def close(self) -> None:
+    if self.tb is not None:
+      self.tb.close()
+    if self.wandb is not None:
+      self.wandb.finish()
+
+
+def _wandb_id(workdir: str) -> str:
+  path = os.path.join(workdir, "wandb_id")
+  if not os.path.exists(path):
+    with open(path, "w") as f:
+      f.write(os.urandom(6).hex())
+  with open(path) as f:
+    return f.read().strip()
+
+
+def summarise(window: list[dict], depth: int) -> dict:
+  """Mean of the fetched per-step metrics over a logging window, as `train/...` scalars."""
+  out = {}
+  for k in ("loss", "grad_norm", "param_norm", "update_ratio", "velocity_cosine"):
+    out[f"train/{k}"] = float(np.mean([m[k] for m in window]))
+  out["train/nonfinite_steps"] = float(np.sum([m["nonfinite"] for m in window]))
+  blocks = np.mean([m["grad_norm_blocks"] for m in window], 0)
+  for i in range(depth):
+    out[f"train/grad_norm_block{i:02d}"] = float(blocks[i])
+  for q in range(4):
+    n = np.sum([m[f"loss_t{q}_count"] for m in window])
+    if n:
+      s = np.sum([m[f"loss_t{q}_sum"] for m in window])
+      out[f"train/loss_t{q * 25:02d}_{(q + 1) * 25:02d}"] = float(s / n)
+  return out
+
+
+# ----------------------------------------------------------------------------- the run
+
+@dataclasses.dataclass
+class Run:
+  """Everything a workdir's run is made of; `setup` builds it, train and eval use it."""
+  config: Any
+  workdir: str
+  mesh: Any
+  data_dir: str
+  stats: dict
+  model_cfg: model_lib.ModelConfig
+  normalizers: dict
+  graphdef: Any
+  tx: Any
+  state: Any
+  state_shardings: Any
+  checkpointer: checkpoint_lib.Checkpointer
+
+  @property
+  def is_main(self) -> bool:
+    return jax.process_index() == 0
+
+
+def setup(config, workdir: str) -> Run:
+  validate_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  mesh = sharding.make_mesh(config.mesh)
+  n_dev = mesh.devices.size
+  if config.train.batch_size % n_dev or (config.train.batch_size // config.train.grad_accum) % n_dev:
+    raise ConfigError(f"train.batch_size {config.train.batch_size} (micro-batch "
+                      f"{config.train.batch_size // config.train.grad_accum}) must be divisible "
+                      f"by the {n_dev} devices")
+  data_dir, stats = resolve_data(config, workdir)
+  source_shape = data_lib.feature_shape(stats, config.data.source)
+  target_shape = data_lib.feature_shape(stats, config.data.target)
+  try:
+    model_cfg = model_lib.config_from(config.model, source_shape, target_shape)
+    tx = make_optimizer(config)
+    graphdef, state, shardings = create_state(model_cfg, tx, config.seed, mesh)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  normalizers = {
+      "source": data_lib.Normalizer.from_stats(stats, config.data.source, config.data.normalize),
+      "target": data_lib.Normalizer.from_stats(stats, config.data.target, config.data.normalize)}
+  checkpointer = checkpoint_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=1))
+    with open(os.path.join(workdir, "normalization.json"), "w") as f:
+      json.dump({"source": config.data.source, "target": config.data.target,
+                 "source_shape": list(source_shape), "target_shape": list(target_shape),
+                 "source_normalizer": normalizers["source"].to_json(),
+                 "target_normalizer": normalizers["target"].to_json()}, f)
+  return Run(config, workdir, mesh, data_dir, stats, model_cfg, normalizers, graphdef, tx,
+             state, shardings, checkpointer)
+
+
+def held_out(run: Run) -> tuple[np.ndarray, np.ndarray]:
+  """(normalised source, raw target) of the evaluated rows: the first eval.num_images of the
+  validation split, or the overfitting subset itself."""
+  c = run.config
+  if c.data.overfit_size:
+    split, limit = "train", c.data.overfit_size
+  else:
+    split, limit = "validation", c.eval.num_images
+  feats = data_lib.load_features(run.data_dir, split, limit, [c.data.source, c.data.target])
+  source = np.asarray(run.normalizers["source"].encode(feats[c.data.source]), np.float32)
+  return source, feats[c.data.target]
+
+
+def make_evaluator(run: Run) -> evaluate_lib.Evaluator:
+  source, target = held_out(run)
+  return evaluate_lib.Evaluator(run.graphdef, run.mesh, source, target,
+                                run.normalizers["target"], run.config.eval.batch_size,
+                                seed=run.config.seed + 1_000_003)
+
+
+def run_eval(run: Run, evaluator, state, step: int) -> dict:
+  """Periodic evaluation: EMA weights with the configured solver; writes eval/<step>.json."""
+  c = run.config.eval
+  results = {}
+  for label, params in (("ema", state["ema"]), ("raw", state["params"])):
+    m = evaluator.evaluate(params, c.solver, c.steps, c.guidance)
+    for k, v in m.items():
+      results[f"eval/{k}" if label == "ema" else f"eval/raw_{k}"] = v
+  results["eval/velocity_cosine"] = evaluator.velocity_cosine(state["ema"])
+  if run.is_main:
+    os.makedirs(os.path.join(run.workdir, "eval"), exist_ok=True)
+    with open(os.path.join(run.workdir, "eval", f"{step}.json"), "w") as f:
+      json.dump({"step": step, "solver": c.solver, "evaluations": c.steps,
+                 "guidance": c.guidance, **results}, f, indent=1)
+  return results
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains (resuming from the newest checkpoint in workdir) and returns the last eval."""
+  from tqdm import tqdm
+  run = setup(config, workdir)
+  c = config
+  mesh = run.mesh
+
+  # -- checkpoint: resume where the workdir left off
+  state = run.state
+  start = run.checkpointer.latest_step() or 0
+  if start:
+    _, state = run.checkpointer.restore(state)
+    logging.info("resuming from step %d", start)
+  if start >= c.train.steps:
+    logging.info("already trained for %d steps", start)
+
+  # -- input: this process's part of every global batch, resumed at `start`
+  local_batch = c.train.batch_size // jax.process_count()
+  overfit = c.data.overfit_size
+  train_ds = data_lib.make_dataset(
+      run.data_dir, "train", [c.data.source, c.data.target], local_batch,
+      normalizers={c.data.source: run.normalizers["source"],
+                   c.data.target: run.normalizers["target"]},
+      seed=c.seed, limit=overfit, cache_subset=bool(overfit),
+      shuffle_buffer=overfit or c.data.shuffle_buffer,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      skip_batches=start)
+  batches = data_lib.iterate_numpy(train_ds)
+
+  # -- the compiled step: state donated, shardings explicit
+  batch_shard = sharding.batch_sharding(mesh)
+  step_fn = jax.jit(make_train_step(c, run.graphdef, run.tx),
+                    in_shardings=(run.state_shardings, {"source": batch_shard,
+                                                        "target": batch_shard}),
+                    out_shardings=(run.state_shardings, None), donate_argnums=(0,))
+  evaluator = make_evaluator(run)
+  writer = MetricWriter(workdir, c, enabled=run.is_main)
+
+  window, last_eval = [], {}
+  pending = None   # the previous step's metrics, fetched after the next step is dispatched
+  skipped_in_a_row = 0
+  last_saved = start
+  t_window = time.perf_counter()
+  bar = tqdm(total=c.train.steps, initial=start, disable=not run.is_main, mininterval=5,
+             desc="train", unit="step", dynamic_ncols=True)
+
+  def check(step_done: int, metrics) -> None:
+    nonlocal skipped_in_a_row
+    m = jax.device_get(metrics)
+    if m["nonfinite"]:
+      if not c.train.skip_nonfinite:
+        raise NonFiniteError(
+            f"non-finite loss or gradient at step {step_done}; the last good checkpoint is "
+            f"step {last_saved} in {run.checkpointer.directory} (rerun to resume from it, "
+            "lower train.lr, or set train.skip_nonfinite=True)")
+      skipped_in_a_row += 1
+      if skipped_in_a_row > c.train.max_nonfinite_in_a_row:
+        raise NonFiniteError(f"{skipped_in_a_row} non-finite steps in a row up to step "
+                             f"{step_done}; stopping")
+    else:
+      skipped_in_a_row = 0
+    window.append(m)
+
+  try:
+    for step in range(start, c.train.steps):
+      batch = next(batches)
+      batch = sharding.global_batch({"source": batch[c.data.source],
+                                     "target": batch[c.data.target]}, mesh)
+      state, metrics = step_fn(state, batch)
+      if pending is not None:
+        check(*pending)
+      pending = (step + 1, metrics)
+      done = step + 1
+      if done % c.train.log_every == 0 or done == c.train.steps:
+        check(*pending)
+        pending = None
+        elapsed = time.perf_counter() - t_window
+        scalars = summarise(window, run.model_cfg.depth)
+        scalars["perf/steps_per_s"] = len(window) / elapsed
+        scalars["perf/samples_per_s"] = len(window) * c.train.batch_size / elapsed
+        scalars["train/lr"] = float(optax.warmup_cosine_decay_schedule(
+            0.0, c.train.lr, min(c.train.warmup_steps, c.train.steps),
+            max(c.train.steps, c.train.warmup_steps + 1),
+            c.train.lr * c.train.min_lr_ratio)(done))
+        writer.write(done, scalars)
+        bar.set_postfix(loss=f"{scalars['train/loss']:.4f}",
+                        vcos=f"{scalars['train/velocity_cosine']:.3f}")
+        window = []
+        t_window = time.perf_counter()
+      bar.update(1)
+      if done % c.train.eval_every == 0 or done == c.train.steps:
+        if pending is not None:
+          check(*pending)
+          pending = None
+        last_eval = run_eval(run, evaluator, state, done)
+        writer.write(done, last_eval)
+        if run.is_main:
+          bar.write(f"step {done}: " + "  ".join(
+              f"{k.split('/')[1]}={v:.4f}" for k, v in last_eval.items()
+              if not k.startswith("eval/raw_")))
+          evaluate_lib.plot_training(workdir)
+      if done % c.train.checkpoint_every == 0 or done == c.train.steps:
+        if pending is not None:
+          check(*pending)
+          pending = None
+        run.checkpointer.save(done, state, force=done == c.train.steps)
+        last_saved = done
+    if pending is not None:
+      check(*pending)
+  finally:
+    bar.close()
+    run.checkpointer.close()
+    writer.close()
+  if not last_eval and start >= c.train.steps:
+    last_eval = run_eval(run, evaluator, state, start)
+  return last_eval

@@ -1,0 +1,86 @@
+"""flowmap: train, evaluate or apply a flow map between two encoders' feature spaces.
+
+  python main.py                                   # the demo, into runs/demo
+  python main.py --config configs/eva_to_clip.py --workdir runs/x [--config.train.steps=N]
+  python main.py --config ... --workdir runs/x --mode eval
+  python main.py --config ... --workdir runs/x --mode map --config.map.input=D --config.map.output=O
+"""
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)   # config files import `configs.default`
+
+
+
+def fail(message: str, code: int = 2):
+  print(f"flowmap: error: {message}", file=sys.stderr)
+  sys.exit(code)
+
+
+try:   # config_flags reads the --config.* overrides already here
+  _CONFIG = config_flags.DEFINE_config_file(
+      "config", os.path.join(HERE, "configs", "demo.py"), "ml_collections config file.",
+      lock_config=True)
+except (KeyError, AttributeError) as e:
+  overrides = [a for a in sys.argv[1:] if a.startswith("--config.")]
+  fail(f"unknown config key {str(e).strip(chr(34))} in {' '.join(overrides)}; "
+       "configs/default.py lists every key")
+flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config name>).")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "map"], "What to do.")
+flags.DEFINE_string("coordinator_address", "", "Multi-process: host:port of process 0 "
+                    "(not needed under SLURM).")
+flags.DEFINE_integer("num_processes", 0, "Multi-process: number of processes.")
+flags.DEFINE_integer("process_id", -1, "Multi-process: this process's id.")
+FLAGS = flags.FLAGS
+
+
+def parse_flags(argv):
+  """absl's parser, but a bad flag or config override is one line and exit code 2."""
+  try:
+    return FLAGS(argv)
+  except (flags.Error, KeyError, AttributeError, ValueError, TypeError) as e:
+    fail(str(e).strip().splitlines()[-1] if str(e).strip() else repr(e))
+
+
+def main(argv):
+  del argv
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)   # orbax and tfds are chatty at INFO
+  from flowmap import sharding
+  sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                  FLAGS.process_id)
+  import jax
+  from flowmap import data, train
+  config = _CONFIG.value
+  config_name = os.path.splitext(os.path.basename(config_flags.get_config_filename(
+      FLAGS["config"])))[0]
+  workdir = FLAGS.workdir or os.path.join("runs", config_name)
+  if jax.process_index() == 0:
+    print(f"flowmap {FLAGS.mode}: {config_name} -> {workdir} on {jax.device_count()} "
+          f"{jax.devices()[0].platform} device(s), {jax.process_count()} process(es)")
+  try:
+    if FLAGS.mode == "train":
+      results = train.train_and_evaluate(config, workdir)
+    elif FLAGS.mode == "eval":
+      from flowmap import evaluate
+      results = evaluate.evaluate_workdir(config, workdir)
+    else:
+      from flowmap import mapper
+      results = mapper.map_dataset(config, workdir)
+  except (train.ConfigError, data.DataError) as e:
+    fail(str(e))
+  except train.NonFiniteError as e:
+    fail(str(e), code=1)
+  if jax.process_index() == 0 and results:
+    print(" ".join(f"{k}={v:.4f}" for k, v in results.items()
+                   if isinstance(v, float) and not k.startswith("eval/raw_")))
+    print(f"workdir: {os.path.abspath(workdir)}")
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)

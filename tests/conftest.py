@@ -1,0 +1,51 @@
+"""Shared fixtures. Tests run on the CPU; multi-device tests start their own subprocesses
+with XLA_FLAGS set, since the device count is fixed once JAX starts."""
+
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def tiny_config(data_dir: str = "", steps: int = 20):
+  """The demo config shrunk for tests: a 2-layer model, a small synthetic dataset."""
+  from configs import demo
+  c = demo.get_config()
+  c.data.dir = data_dir
+  c.data.synthetic.train_size = 256
+  c.data.synthetic.validation_size = 32
+  c.model.dim = 64
+  c.model.depth = 2
+  c.model.heads = 4
+  c.train.steps = steps
+  c.train.batch_size = 16
+  c.train.warmup_steps = 5
+  c.train.log_every = 5
+  c.train.eval_every = steps
+  c.train.checkpoint_every = steps
+  c.eval.num_images = 32
+  c.eval.batch_size = 32
+  c.eval.steps = 2
+  return c
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory):
+  """A small synthetic features dataset shared by the whole session."""
+  from flowmap import synthetic
+  path = str(tmp_path_factory.mktemp("demo_data"))
+  synthetic.write_demo_dataset(path, train_size=256, validation_size=32)
+  return path
+
+
+def run_main(args, timeout=600, env=None):
+  """Runs main.py in a subprocess; returns the CompletedProcess."""
+  import subprocess
+  full_env = dict(os.environ, **(env or {}))
+  return subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *args],
+                        capture_output=True, text=True, timeout=timeout, env=full_env,
+                        cwd=ROOT)

@@ -1,0 +1,104 @@
+"""The training loop: learning, resuming, and refusing bad configurations."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import ROOT, run_main, tiny_config
+from flowmap import train
+
+
+def read_jsonl(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def test_loss_falls_and_workdir_has_everything(tmp_path, demo_data):
+  c = tiny_config(demo_data, steps=60)
+  c.train.lr = 3e-3
+  c.train.eval_every = 30
+  c.train.checkpoint_every = 30
+  results = train.train_and_evaluate(c, str(tmp_path))
+  rows = read_jsonl(tmp_path / "metrics.jsonl")
+  losses = [r["train/loss"] for r in rows if "train/loss" in r]
+  assert losses[-1] < 0.7 * losses[0]
+  for key in ("train/grad_norm", "train/param_norm", "train/update_ratio",
+              "train/velocity_cosine", "train/grad_norm_block00", "train/loss_t00_25",
+              "perf/samples_per_s"):
+    assert any(key in r for r in rows), key
+  evals = [r for r in rows if "eval/cosine_token" in r]
+  assert [r["step"] for r in evals] == [30, 60]
+  assert results["eval/cosine_token"] == evals[-1]["eval/cosine_token"]
+  assert 0.0 < results["eval/cosine_token"] <= 1.0
+  assert set(results) >= {"eval/cosine_token", "eval/cosine_global", "eval/mse",
+                          "eval/recall_at_1", "eval/velocity_cosine"}
+  assert (tmp_path / "eval" / "60.json").exists()
+  assert (tmp_path / "plots" / "training.png").exists()
+  assert any(n.startswith("events.out.tfevents") for n in os.listdir(tmp_path))
+  with open(tmp_path / "config.json") as f:
+    assert json.load(f)["train"]["steps"] == 60
+  assert sorted(os.listdir(tmp_path / "checkpoints")) >= ["30", "60"]
+
+
+def test_same_command_again_resumes_and_finishes(tmp_path, demo_data):
+  c = tiny_config(demo_data, steps=10)
+  c.train.checkpoint_every = 5
+  train.train_and_evaluate(c, str(tmp_path))
+  c.train.steps = 15
+  train.train_and_evaluate(c, str(tmp_path))
+  steps = [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl") if "train/loss" in r]
+  assert steps == [5, 10, 15]   # resumed at 10, nothing trained twice
+  assert "15" in os.listdir(tmp_path / "checkpoints")
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_from_its_checkpoint(tmp_path, demo_data):
+  workdir = tmp_path / "run"
+  args = ["--config", os.path.join(ROOT, "configs", "demo.py"), "--workdir", str(workdir),
+          f"--config.data.dir={demo_data}", "--config.model.dim=64", "--config.model.depth=2",
+          "--config.train.batch_size=16", "--config.train.steps=400",
+          "--config.train.checkpoint_every=10", "--config.train.eval_every=1000",
+          "--config.train.log_every=10", "--config.eval.num_images=32"]
+  proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py"), *args],
+                          cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  ckpt = workdir / "checkpoints"
+  deadline = time.time() + 300
+  while time.time() < deadline:
+    done = [int(n) for n in os.listdir(ckpt) if n.isdigit()] if ckpt.exists() else []
+    if any(s >= 20 for s in done):
+      break
+    time.sleep(0.5)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  saved = max(int(n) for n in os.listdir(ckpt) if n.isdigit())
+  assert 20 <= saved < 400
+  result = run_main([*args[:-8], *[a for a in args[-8:] if "steps=" not in a],
+                     f"--config.train.steps={saved + 10}"])
+  assert result.returncode == 0, result.stderr[-2000:]
+  steps = [r["step"] for r in read_jsonl(workdir / "metrics.jsonl") if "train/loss" in r]
+  assert steps[-1] == saved + 10
+  assert steps.count(saved + 10) == 1
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--config.train.no_such_key=1", "no_such_key"),
+    ("--config.train.lr=-1", "train.lr must be positive"),
+    ("--config.data.normalize=zscore", "data.normalize"),
+    ("--config.data.target_shape=(9,9)", "target_shape"),
+    ("--config.data.dir=/nonexistent/features", "does not exist"),
+    ("--config.data.target=clip", "'clip' is not in the dataset"),
+])
+def test_bad_config_or_data_exits_2_with_one_line(tmp_path, demo_data, override, message):
+  result = run_main(["--workdir", str(tmp_path / "w"), f"--config.data.dir={demo_data}",
+                     override], timeout=300)
+  assert result.returncode == 2, result.stderr[-2000:]
+  errors = [l for l in result.stderr.splitlines() if l.startswith("flowmap: error:")]
+  assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+  assert not (tmp_path / "w" / "checkpoints").exists()
