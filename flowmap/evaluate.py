@@ -7,6 +7,8 @@ in float64, so a figure does not depend on the batch size or on the number of de
 from __future__ import annotations
 
 import functools
+import json
+import os
 from typing import Callable, Optional
 
 import jax
@@ -180,9 +182,46 @@ class Evaluator:
     return float(self._velocity_cos(params, self._shard(src), self._shard(x1), key))
 
 
+# ----------------------------------------------------------------------------- in training
+
+def held_out(run) -> tuple[np.ndarray, np.ndarray]:
+  """(normalised source, raw target) of the evaluated rows: the first eval.num_images of the
+  validation split, or the overfitting subset itself."""
+  c = run.config
+  if c.data.overfit_size:
+    split, limit = "train", c.data.overfit_size
+  else:
+    split, limit = "validation", c.eval.num_images
+  from flowmap import data as data_lib
+  feats = data_lib.load_features(run.data_dir, split, limit, [c.data.source, c.data.target])
+  source = np.asarray(run.normalizers["source"].encode(feats[c.data.source]), np.float32)
+  return source, feats[c.data.target]
+
+
+def make_evaluator(run) -> "Evaluator":
+  source, target = held_out(run)
+  return Evaluator(run.graphdef, run.mesh, source, target, run.normalizers["target"],
+                   run.config.eval.batch_size, seed=run.config.seed + 1_000_003)
+
+
+def run_eval(run, evaluator, state, step: int) -> dict:
+  """Periodic evaluation: EMA weights with the configured solver; writes eval/<step>.json."""
+  c = run.config.eval
+  results = {}
+  for label, params in (("ema", state["ema"]), ("raw", state["params"])):
+    m = evaluator.evaluate(params, c.solver, c.steps, c.guidance)
+    for k, v in m.items():
+      results[f"eval/{k}" if label == "ema" else f"eval/raw_{k}"] = v
+  results["eval/velocity_cosine"] = evaluator.velocity_cosine(state["ema"])
+  if run.is_main:
+    os.makedirs(os.path.join(run.workdir, "eval"), exist_ok=True)
+    with open(os.path.join(run.workdir, "eval", f"{step}.json"), "w") as f:
+      json.dump({"step": step, "solver": c.solver, "evaluations": c.steps,
+                 "guidance": c.guidance, **results}, f, indent=1)
+  return results
+
+
 def read_metrics(workdir: str) -> list[dict]:
-  import json
-  import os
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(path):
     return []
@@ -192,7 +231,6 @@ def read_metrics(workdir: str) -> list[dict]:
 
 def plot_training(workdir: str) -> str:
   """plots/training.png: training loss and velocity cosine, held-out cosine over steps."""
-  import os
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt

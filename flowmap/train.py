@@ -380,43 +380,6 @@ def setup(config, workdir: str) -> Run:
              state, shardings, checkpointer)
 
 
-def held_out(run: Run) -> tuple[np.ndarray, np.ndarray]:
-  """(normalised source, raw target) of the evaluated rows: the first eval.num_images of the
-  validation split, or the overfitting subset itself."""
-  c = run.config
-  if c.data.overfit_size:
-    split, limit = "train", c.data.overfit_size
-  else:
-    split, limit = "validation", c.eval.num_images
-  feats = data_lib.load_features(run.data_dir, split, limit, [c.data.source, c.data.target])
-  source = np.asarray(run.normalizers["source"].encode(feats[c.data.source]), np.float32)
-  return source, feats[c.data.target]
-
-
-def make_evaluator(run: Run) -> evaluate_lib.Evaluator:
-  source, target = held_out(run)
-  return evaluate_lib.Evaluator(run.graphdef, run.mesh, source, target,
-                                run.normalizers["target"], run.config.eval.batch_size,
-                                seed=run.config.seed + 1_000_003)
-
-
-def run_eval(run: Run, evaluator, state, step: int) -> dict:
-  """Periodic evaluation: EMA weights with the configured solver; writes eval/<step>.json."""
-  c = run.config.eval
-  results = {}
-  for label, params in (("ema", state["ema"]), ("raw", state["params"])):
-    m = evaluator.evaluate(params, c.solver, c.steps, c.guidance)
-    for k, v in m.items():
-      results[f"eval/{k}" if label == "ema" else f"eval/raw_{k}"] = v
-  results["eval/velocity_cosine"] = evaluator.velocity_cosine(state["ema"])
-  if run.is_main:
-    os.makedirs(os.path.join(run.workdir, "eval"), exist_ok=True)
-    with open(os.path.join(run.workdir, "eval", f"{step}.json"), "w") as f:
-      json.dump({"step": step, "solver": c.solver, "evaluations": c.steps,
-                 "guidance": c.guidance, **results}, f, indent=1)
-  return results
-
-
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains (resuming from the newest checkpoint in workdir) and returns the last eval."""
   from tqdm import tqdm
@@ -452,7 +415,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     in_shardings=(run.state_shardings, {"source": batch_shard,
                                                         "target": batch_shard}),
                     out_shardings=(run.state_shardings, None), donate_argnums=(0,))
-  evaluator = make_evaluator(run)
+  evaluator = evaluate_lib.make_evaluator(run)
   writer = MetricWriter(workdir, c, enabled=run.is_main)
 
   window, last_eval = [], {}
@@ -511,7 +474,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         if pending is not None:
           check(*pending)
           pending = None
-        last_eval = run_eval(run, evaluator, state, done)
+        last_eval = evaluate_lib.run_eval(run, evaluator, state, done)
         writer.write(done, last_eval)
         if run.is_main:
           bar.write(f"step {done}: " + "  ".join(
@@ -531,5 +494,5 @@ def train_and_evaluate(config, workdir: str) -> dict:
     run.checkpointer.close()
     writer.close()
   if not last_eval and start >= c.train.steps:
-    last_eval = run_eval(run, evaluator, state, start)
+    last_eval = evaluate_lib.run_eval(run, evaluator, state, start)
   return last_eval
