@@ -2,7 +2,7 @@
 
 Expects a features dataset extracted with
   --encoder clip=hf:openai/clip-vit-large-patch14
-  --encoder eva=timm:eva02_large_patch14_clip_224.merged2b_s4b_b131k
+  --encoder eva=timm:eva02_large_patch14_clip_224.merged2b
 """
 
 from configs import default

@@ -334,8 +334,6 @@ class Network:
   """One loaded vision tower; returns the hidden states and pooled embedding its encoders
   ask for, from a single forward pass."""
 
-  kind = ""
-
   def __init__(self, source: str, module: torch.nn.Module, preprocess: Preprocess):
     self.source, self.module, self.preprocess = source, module, preprocess
     self.depth = 0
@@ -352,8 +350,6 @@ class Network:
 
 
 class HFNetwork(Network):
-  kind = "hf"
-
   def __init__(self, source, module, preprocess, tower, projection, patch_size):
     super().__init__(source, module, preprocess)
     self.tower, self.projection, self.patch_size = tower, projection, patch_size
@@ -373,8 +369,6 @@ class HFNetwork(Network):
 
 
 class TimmNetwork(Network):
-  kind = "timm"
-
   def forward(self, pixels, layers, pooled):
     model = self.module
     if not layers:
@@ -437,9 +431,14 @@ def load_hf(ref: str, processor_ref: Optional[str], trust_remote_code: bool,
   preprocess = preprocess_from_hf_processor(processor)
   try:
     if config.model_type in ("clip", "clip_vision_model"):
-      # The vision tower and its projection only: the text tower is never loaded.
+      # The vision tower and its projection only: the text tower is never loaded. A full
+      # CLIP checkpoint keeps the projection width at the top level of its config.
+      vision_config = config
+      if config.model_type == "clip":
+        vision_config = config.vision_config
+        vision_config.projection_dim = config.projection_dim
       model = transformers.CLIPVisionModelWithProjection.from_pretrained(
-          ref, dtype=dtype or torch.float32)
+          ref, config=vision_config, dtype=dtype or torch.float32)
     else:
       model = AutoModel.from_pretrained(ref, trust_remote_code=trust_remote_code,
                                         dtype=dtype or torch.float32)

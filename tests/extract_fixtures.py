@@ -88,20 +88,14 @@ def truncated_jpeg(seed: int) -> bytes:
   return data[: len(data) // 2]
 
 
-def write_tar(path: str, members, truncate_to: float = 1.0) -> None:
-  """members: (name, bytes) in order; ``truncate_to`` < 1 cuts the file, as a killed
-  download would."""
+def write_tar(path: str, members) -> None:
+  """members: (name, bytes), in order."""
   with tarfile.open(path, "w") as tar:
     for name, payload in members:
       info = tarfile.TarInfo(name)
       info.size = len(payload)
       info.mtime = 0
       tar.addfile(info, io.BytesIO(payload))
-  if truncate_to < 1.0:
-    with open(path, "rb") as f:
-      data = f.read()
-    with open(path, "wb") as f:
-      f.write(data[: int(len(data) * truncate_to)])
 
 
 def caption(text: str) -> bytes:
@@ -137,7 +131,7 @@ def build_inputs(root: str) -> dict:
   for i in range(6):
     members += [(f"s02{i:02d}.jpg", encoded(picture(200 + i), "JPEG")),
                 (f"s02{i:02d}.txt", caption(f"sample {i}"))]
-  # Cut inside the fifth image: four complete samples survive.
+  # Cut inside the fifth image, as a killed download would: four samples survive.
   sizes = [512 + (len(p) + 511) // 512 * 512 for _, p in members]
   cut = sum(sizes[:8]) + 512 + len(members[8][1]) // 2
   write_tar(os.path.join(shards, "00002.tar"), members)

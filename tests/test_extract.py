@@ -78,12 +78,11 @@ def read_split(out, split):
 
 def test_timm_imports_after_flowmap_encoders():
   """The CUDA torchvision wheel next to a CPU torch cannot load its ops; flowmap.encoders
-  makes its import (hence timm's) work anyway."""
-  code = ("import flowmap.encoders, timm, torchvision.transforms; "
-          "print(timm.__version__)")
-  done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                        text=True, timeout=120)
-  assert done.returncode == 0, done.stderr[-2000:]
+  makes its import (hence timm's) work anyway. The command line test below checks the same
+  in a fresh process."""
+  import timm
+  import torchvision.transforms  # noqa: F401
+  assert "eva02_large_patch14_clip_224" in timm.list_models("eva02*")
 
 
 def test_encoder_spec_parsing():
@@ -163,6 +162,38 @@ def test_preprocessing_matches_the_reference_pipelines(world, size):
   ours = encoders_lib.preprocess_from_timm_config(data_config)
   got = ours.normalize(torch.from_numpy(ours.geometry.apply(image)[None])).numpy()
   np.testing.assert_allclose(got, transform(image)[None].numpy(), atol=1e-5)
+
+
+def test_full_clip_checkpoint_loads_its_vision_tower_and_projection(tmp_path):
+  """openai/clip-vit-large-patch14 is a whole CLIPModel whose projection width sits at the
+  top of its config; only the vision side is loaded, and it matches CLIPModel's own."""
+  import torch
+  from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+  torch.manual_seed(0)
+  config = CLIPConfig(
+      text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                       num_attention_heads=2, vocab_size=100, max_position_embeddings=16),
+      vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, image_size=32, patch_size=8),
+      projection_dim=24)
+  model = CLIPModel(config).eval()
+  model.save_pretrained(tmp_path)
+  CLIPImageProcessor(size={"shortest_edge": 32},
+                     crop_size={"height": 32, "width": 32}).save_pretrained(tmp_path)
+  specs = [encoders_lib.EncoderSpec.parse(f"c=hf:{tmp_path}"),
+           encoders_lib.EncoderSpec.parse(f"p=hf:{tmp_path},tokens=pooled")]
+  encoders = encoders_lib.load_encoders(specs, torch.device("cpu"))
+  assert encoders.shapes == {"c": (16, 32), "p": (1, 24)}
+  assert len(encoders.networks) == 1
+  images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+  out = encoders.encode([images])
+  pixels = next(iter(encoders.networks.values())).preprocess.normalize(torch.from_numpy(images))
+  with torch.no_grad():
+    embeds = model.get_image_features(pixel_values=pixels)
+    embeds = getattr(embeds, "pooler_output", embeds)   # a tensor before transformers 5
+    hidden = model.vision_model(pixel_values=pixels, output_hidden_states=True).hidden_states
+  np.testing.assert_allclose(out["p"][:, 0], embeds.numpy(), atol=1e-5)
+  np.testing.assert_allclose(out["c"], hidden[-1][:, 1:].numpy(), atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- extraction
@@ -358,15 +389,17 @@ def test_encoder_that_cannot_load_is_one_config_error(world, tmp_path):
 
 
 def test_command_line_exits_2_with_one_line(world, tmp_path):
-  """Missing input: one line on stderr, exit code 2, nothing written."""
+  """An encoder that cannot load: one line on stderr, exit code 2, nothing written. The
+  fresh process also proves timm imports next to a torchvision without its ops."""
   out = tmp_path / "o"
   done = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "extract_features.py"),
-       "--input", str(tmp_path / "missing-{0..3}.tar"), "--encoder", f"clip=hf:{world['clip']}",
+      [sys.executable, os.path.join(ROOT, "extract_features.py"), "--input", world["folder"],
+       "--encoder", f"clip=hf:{world['clip']}", "--encoder", "eva=timm:no_such_model",
        "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert done.returncode == 2, done.stderr[-2000:]
-  lines = [l for l in done.stderr.splitlines() if l.strip()]
-  assert len(lines) == 1 and "does not exist" in lines[0], done.stderr
+  lines = [line for line in done.stderr.splitlines() if line.strip()]
+  assert len(lines) == 1, done.stderr
+  assert "cannot load timm:no_such_model" in lines[0]
   assert not out.exists()
 
 
