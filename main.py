@@ -76,6 +76,9 @@ def main(argv):
     fail(str(e))
   except train.NonFiniteError as e:
     fail(str(e), code=1)
+  except train.Preempted as e:
+    print(f"flowmap: {e}", file=sys.stderr)
+    sys.exit(0)
   if jax.process_index() == 0 and results:
     print(" ".join(f"{k}={v:.4f}" for k, v in results.items()
                    if isinstance(v, float) and not k.startswith("eval/raw_")))

@@ -2,12 +2,17 @@
 
 Every process calls save (orbax coordinates the hosts and writes each shard once). Restore
 takes the abstract state with the shardings of the current mesh, so a checkpoint saved on 8
-devices restores on 1 and the reverse.
+devices restores on 1 and the reverse. A save in progress lives under a temporary name that
+orbax ignores, so a run killed mid-save resumes from the previous checkpoint; a finalised
+checkpoint that cannot be read (truncated or missing files) is moved aside to
+``checkpoints/corrupt/`` with a warning naming it, and the previous one is used. Nothing is
+deleted.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from typing import Any, Optional
 
 import jax
@@ -42,6 +47,37 @@ class Checkpointer:
     state = self.manager.restore(step, args=ocp.args.StandardRestore(target))
     logging.info("restored checkpoint %d from %s", step, self.directory)
     return step, state
+
+  def restore_latest_valid(self, abstract_state: Any) -> tuple[Optional[int], Any]:
+    """The newest checkpoint that restores, or (None, None) when there is none."""
+    while True:
+      step = self.latest_step()
+      if step is None:
+        return None, None
+      try:
+        return self.restore(abstract_state, step)
+      except Exception as e:  # orbax/tensorstore raise many types for damaged files
+        moved = self.quarantine(step)
+        logging.warning("checkpoint %d in %s cannot be restored (%s: %s); moved it to %s "
+                        "and trying the previous one", step, self.directory,
+                        type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "",
+                        moved)
+        print(f"flowmap: warning: checkpoint {step} is damaged ({type(e).__name__}); "
+              f"moved to {moved}, resuming from an earlier one", flush=True)
+
+  def quarantine(self, step: int) -> str:
+    """Moves a damaged checkpoint out of orbax's sight (process 0), keeping its files."""
+    import jax
+    src = os.path.join(self.directory, str(step))
+    dst = os.path.join(self.directory, "corrupt", f"{step}.{int(time.time())}")
+    if jax.process_index() == 0 and os.path.exists(src):
+      os.makedirs(os.path.dirname(dst), exist_ok=True)
+      os.replace(src, dst)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f"quarantine-{step}")
+    self.manager.reload()
+    return dst
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

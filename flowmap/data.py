@@ -312,6 +312,13 @@ class Normalizer:
     return y
 
 
+def _subsplit(builder, split: str, limit: int) -> str:
+  """``split[:limit]``; a limit at or beyond the split's size means the whole split."""
+  if limit <= 0 or limit >= builder.info.splits[split].num_examples:
+    return split
+  return f"{split}[:{limit}]"
+
+
 def _builder(data_dir: str):
   import tensorflow_datasets as tfds
   if not is_complete(data_dir):
@@ -345,7 +352,7 @@ def make_dataset(data_dir: str, split: str, names: Sequence[str], batch_size: in
   builder = _builder(data_dir)
   if split not in builder.info.splits:
     raise DataError(f"{data_dir} has no {split!r} split; it has {list(builder.info.splits)}")
-  sub = split if limit <= 0 else f"{split}[:{limit}]"
+  sub = _subsplit(builder, split, limit)
   if process_count > 1:
     sub = tfds.even_splits(sub, n=process_count, drop_remainder=True)[process_index]
   options = tf.data.Options()
@@ -400,7 +407,7 @@ def load_features(data_dir: str, split: str = "validation", limit: int = 0,
   builder = _builder(data_dir)
   if split not in builder.info.splits:
     raise DataError(f"{data_dir} has no {split!r} split; it has {list(builder.info.splits)}")
-  sub = split if limit <= 0 else f"{split}[:{limit}]"
+  sub = _subsplit(builder, split, limit)
   ds = builder.as_dataset(split=sub, shuffle_files=False,
                           decoders=tfds.decode.PartialDecoding(
                               {**{n: True for n in names}, "key": True}))

@@ -11,7 +11,7 @@ import functools
 import json
 import os
 import time
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +35,54 @@ class ConfigError(ValueError):
 
 class NonFiniteError(RuntimeError):
   """The loss or the gradient stopped being finite."""
+
+
+class Preempted(Exception):
+  """Training stopped on SIGTERM/SIGINT/SIGUSR1 after saving a checkpoint."""
+
+
+class PreemptionWatcher:
+  """Turns SIGTERM, SIGINT and SIGUSR1 (SLURM's `--signal` pre-timeout warning) into a
+  checkpoint at the next step boundary.
+
+  With several processes every host must stop at the same step, so JAX's preemption sync
+  point (started by jax.distributed.initialize, which catches SIGTERM) decides; a single
+  process only needs its own signal flag.
+  """
+  SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
+
+  def __init__(self):
+    import signal
+    self.signal_name = None
+    self._previous = {}
+    self._multi = jax.process_count() > 1
+    for name in self.SIGNALS:
+      sig = getattr(signal, name)
+      if self._multi and sig == signal.SIGTERM:
+        continue   # JAX's preemption notifier owns SIGTERM across hosts
+      try:
+        self._previous[sig] = signal.signal(sig, self._handle)
+      except ValueError:   # not the main thread: leave signals alone
+        pass
+
+  def _handle(self, signum, frame):
+    import signal
+    self.signal_name = signal.Signals(signum).name
+    if self._multi:   # let the preemption notifier agree a step with the other hosts
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      if multihost_utils.reached_preemption_sync_point(step):
+        self.signal_name = self.signal_name or "SIGTERM"
+        return True
+    return self.signal_name is not None
+
+  def close(self) -> None:
+    import signal
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
 
 
 # ----------------------------------------------------------------------------- config
@@ -116,6 +164,52 @@ def _sync(name: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(name)
+
+
+# ----------------------------------------------------------------------------- input
+
+def input_streams(config, mesh) -> list[int]:
+  """The streams of the training split this process reads, in batch-row order.
+
+  The split is read as ``data.streams`` disjoint equal parts (tfds even_splits: whole
+  TFRecord files wherever the part boundaries allow, so a host opens only its parts' files),
+  each shuffled by ``seed`` and batched to batch_size / streams rows; global batch k is
+  stream 0's k-th batch, then stream 1's, and so on. A process holds one contiguous range of
+  rows of the global batch (``sharding.process_rows``) and reads exactly the streams that
+  fill it. The batches are thus a function of (seed, streams), not of the process or device
+  count: with data.streams fixed to a multiple of every process count you will use, a run
+  resumed on another number of hosts, or replayed in one process, sees the same batches.
+  data.streams = 0 is one stream per process.
+  """
+  streams = config.data.streams or jax.process_count()
+  batch = config.train.batch_size
+  per = batch // streams
+  start, stop = sharding.process_rows(mesh, batch)
+  if streams < 1 or batch % streams or start % per or stop % per:
+    raise ConfigError(f"data.streams={config.data.streams} must split train.batch_size "
+                      f"{batch} evenly and be a multiple of the {jax.process_count()} "
+                      "processes")
+  return list(range(start // per, stop // per))
+
+
+def train_batches(run, start: int) -> Iterator[dict]:
+  """This process's rows of every global batch from step ``start`` on: normalised numpy
+  arrays by feature name (the order is ``input_streams``')."""
+  c = run.config
+  count = c.data.streams or jax.process_count()
+  names = [c.data.source, c.data.target]
+  iterators = [data_lib.iterate_numpy(data_lib.make_dataset(
+      run.data_dir, "train", names, c.train.batch_size // count,
+      normalizers={c.data.source: run.normalizers["source"],
+                   c.data.target: run.normalizers["target"]},
+      seed=c.seed, limit=c.data.overfit_size, cache_subset=bool(c.data.overfit_size),
+      shuffle_buffer=c.data.overfit_size or c.data.shuffle_buffer,
+      process_index=stream, process_count=count, skip_batches=start))
+      for stream in input_streams(c, run.mesh)]
+  while True:
+    parts = [next(it) for it in iterators]
+    yield parts[0] if len(parts) == 1 else {
+        n: np.concatenate([p[n] for p in parts]) for n in names}
 
 
 # ----------------------------------------------------------------------------- state
@@ -346,6 +440,28 @@ class Run:
     return jax.process_index() == 0
 
 
+RESUME_MODEL_KEYS = ("dim", "depth", "heads", "kv_heads", "mlp_ratio", "aligned_conditioning")
+
+
+def check_resumable(workdir: str, checkpointer, run_info: dict) -> None:
+  """A workdir with checkpoints resumes only a run of the same features, shapes and model."""
+  path = os.path.join(workdir, "normalization.json")
+  if checkpointer.latest_step() is None or not os.path.exists(path):
+    return
+  with open(path) as f:
+    previous = json.load(f)
+  for key in ("source", "target", "source_shape", "target_shape"):
+    if previous.get(key) != run_info[key]:
+      raise ConfigError(f"{workdir} holds checkpoints of a run with {key}="
+                        f"{previous.get(key)}, but this config gives {run_info[key]}; "
+                        "use a new --workdir or the original config")
+  for key, value in run_info["model"].items():
+    old = previous.get("model", {}).get(key, value)
+    if old != value:
+      raise ConfigError(f"{workdir} holds checkpoints of a model with {key}={old}, but this "
+                        f"config gives {value}; use a new --workdir or the original config")
+
+
 def setup(config, workdir: str) -> Run:
   validate_config(config)
   os.makedirs(workdir, exist_ok=True)
@@ -355,6 +471,7 @@ def setup(config, workdir: str) -> Run:
     raise ConfigError(f"train.batch_size {config.train.batch_size} (micro-batch "
                       f"{config.train.batch_size // config.train.grad_accum}) must be divisible "
                       f"by the {n_dev} devices")
+  input_streams(config, mesh)
   data_dir, stats = resolve_data(config, workdir)
   source_shape = data_lib.feature_shape(stats, config.data.source)
   target_shape = data_lib.feature_shape(stats, config.data.target)
@@ -368,14 +485,17 @@ def setup(config, workdir: str) -> Run:
       "source": data_lib.Normalizer.from_stats(stats, config.data.source, config.data.normalize),
       "target": data_lib.Normalizer.from_stats(stats, config.data.target, config.data.normalize)}
   checkpointer = checkpoint_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
+  run_info = {"source": config.data.source, "target": config.data.target,
+              "source_shape": list(source_shape), "target_shape": list(target_shape),
+              "model": {k: getattr(model_cfg, k) for k in RESUME_MODEL_KEYS},
+              "source_normalizer": normalizers["source"].to_json(),
+              "target_normalizer": normalizers["target"].to_json()}
+  check_resumable(workdir, checkpointer, run_info)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=1))
     with open(os.path.join(workdir, "normalization.json"), "w") as f:
-      json.dump({"source": config.data.source, "target": config.data.target,
-                 "source_shape": list(source_shape), "target_shape": list(target_shape),
-                 "source_normalizer": normalizers["source"].to_json(),
-                 "target_normalizer": normalizers["target"].to_json()}, f)
+      json.dump(run_info, f)
   return Run(config, workdir, mesh, data_dir, stats, model_cfg, normalizers, graphdef, tx,
              state, shardings, checkpointer)
 
@@ -389,32 +509,25 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   # -- checkpoint: resume where the workdir left off
   state = run.state
-  start = run.checkpointer.latest_step() or 0
-  if start:
-    _, state = run.checkpointer.restore(state)
-    logging.info("resuming from step %d", start)
+  restored_step, restored = run.checkpointer.restore_latest_valid(state)
+  start = restored_step or 0
+  if restored_step is not None:
+    state = restored
+    if run.is_main:
+      print(f"resuming from step {start} ({run.checkpointer.directory})", flush=True)
   if start >= c.train.steps:
     logging.info("already trained for %d steps", start)
 
-  # -- input: this process's part of every global batch, resumed at `start`
-  local_batch = c.train.batch_size // jax.process_count()
-  overfit = c.data.overfit_size
-  train_ds = data_lib.make_dataset(
-      run.data_dir, "train", [c.data.source, c.data.target], local_batch,
-      normalizers={c.data.source: run.normalizers["source"],
-                   c.data.target: run.normalizers["target"]},
-      seed=c.seed, limit=overfit, cache_subset=bool(overfit),
-      shuffle_buffer=overfit or c.data.shuffle_buffer,
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      skip_batches=start)
-  batches = data_lib.iterate_numpy(train_ds)
+  # -- input: this process's rows of every global batch, resumed at `start`
+  batches = train_batches(run, start)
 
   # -- the compiled step: state donated, shardings explicit
   batch_shard = sharding.batch_sharding(mesh)
   step_fn = jax.jit(make_train_step(c, run.graphdef, run.tx),
                     in_shardings=(run.state_shardings, {"source": batch_shard,
                                                         "target": batch_shard}),
-                    out_shardings=(run.state_shardings, None), donate_argnums=(0,))
+                    out_shardings=(run.state_shardings, sharding.replicated(mesh)),
+                    donate_argnums=(0,))
   evaluator = evaluate_lib.make_evaluator(run)
   writer = MetricWriter(workdir, c, enabled=run.is_main)
 
@@ -425,6 +538,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   t_window = time.perf_counter()
   bar = tqdm(total=c.train.steps, initial=start, disable=not run.is_main, mininterval=5,
              desc="train", unit="step", dynamic_ncols=True)
+
+  preemption = PreemptionWatcher()
 
   def check(step_done: int, metrics) -> None:
     nonlocal skipped_in_a_row
@@ -481,15 +596,22 @@ def train_and_evaluate(config, workdir: str) -> dict:
               f"{k.split('/')[1]}={v:.4f}" for k, v in last_eval.items()
               if not k.startswith("eval/raw_")))
           evaluate_lib.plot_training(workdir)
-      if done % c.train.checkpoint_every == 0 or done == c.train.steps:
+      stop = preemption.reached(done)
+      if done % c.train.checkpoint_every == 0 or done == c.train.steps or stop:
         if pending is not None:
           check(*pending)
           pending = None
-        run.checkpointer.save(done, state, force=done == c.train.steps)
+        run.checkpointer.save(done, state, force=done == c.train.steps or stop)
         last_saved = done
+      if stop:
+        run.checkpointer.wait()
+        raise Preempted(f"stopped by {preemption.signal_name} at step {done}; checkpoint "
+                        f"{done} saved in {run.checkpointer.directory}; run the same command "
+                        "again to resume")
     if pending is not None:
       check(*pending)
   finally:
+    preemption.close()
     bar.close()
     run.checkpointer.close()
     writer.close()

@@ -1,0 +1,170 @@
+"""Faults: preemption, damaged checkpoints, non-finite values, bad input. Subprocess-driven
+where the behaviour is about the process (signals, exit codes)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, run_main, tiny_config
+from flowmap import data as data_lib
+from flowmap import train
+
+
+def read_jsonl(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def small_args(workdir, demo_data, steps):
+  return ["--workdir", str(workdir), f"--config.data.dir={demo_data}",
+          "--config.model.dim=64", "--config.model.depth=2", "--config.train.batch_size=16",
+          f"--config.train.steps={steps}", "--config.train.checkpoint_every=1000",
+          "--config.train.eval_every=100000", "--config.train.log_every=5",
+          "--config.eval.num_images=32"]
+
+
+def checkpoint_steps(workdir):
+  d = os.path.join(workdir, "checkpoints")
+  return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, demo_data):
+  workdir = tmp_path / "run"
+  proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py"),
+                           *small_args(workdir, demo_data, 100000)],
+                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 240
+  while time.time() < deadline:   # wait until training is under way
+    if (workdir / "metrics.jsonl").exists():
+      break
+    time.sleep(0.5)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-2000:]
+  assert "stopped by SIGTERM at step" in err and "run the same command again" in err
+  saved = checkpoint_steps(workdir)
+  assert len(saved) == 1 and 5 <= saved[0] < 100000
+  stopped_at = int(err.split("stopped by SIGTERM at step ")[1].split(";")[0])
+  assert saved[0] == stopped_at
+
+
+def damage(step_dir, how):
+  files = [os.path.join(r, f) for r, _, fs in os.walk(step_dir) for f in fs]
+  if how == "truncate":
+    for path in files:   # truncate every array data file to half
+      if os.sep + "d" + os.sep in path:
+        size = os.path.getsize(path)
+        with open(path, "r+b") as f:
+          f.truncate(size // 2)
+  else:
+    for path in files:
+      if os.path.basename(path) in ("_METADATA", "manifest.ocdbt"):
+        os.remove(path)
+
+
+@pytest.mark.parametrize("how", ["truncate", "missing"])
+def test_damaged_newest_checkpoint_is_skipped_for_the_previous_one(tmp_path, demo_data, how,
+                                                                   capsys):
+  c = tiny_config(demo_data, steps=10)
+  c.train.checkpoint_every = 5
+  train.train_and_evaluate(c, str(tmp_path))
+  assert checkpoint_steps(tmp_path) == [5, 10]
+  damage(tmp_path / "checkpoints" / "10", how)
+  c.train.steps = 12
+  train.train_and_evaluate(c, str(tmp_path))
+  out = capsys.readouterr().out
+  assert "checkpoint 10 is damaged" in out and "resuming from step 5" in out
+  assert checkpoint_steps(tmp_path) == [5, 10, 12]   # 10 saved anew from the resumed run
+  assert os.listdir(tmp_path / "checkpoints" / "corrupt")   # kept, not deleted
+  steps = [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl") if "train/loss" in r]
+  assert steps == [5, 10, 10, 12]   # second run: resumed at 5, logged at 10 and the end
+
+
+def poison(monkeypatch, bad_steps):
+  """Feeds NaN into the batches of the given (0-based) steps."""
+  real = data_lib.iterate_numpy
+
+  def iterate(ds):
+    for i, batch in enumerate(real(ds)):
+      if i in bad_steps:
+        batch = {k: np.full_like(v, np.nan) for k, v in batch.items()}
+      yield batch
+  monkeypatch.setattr(data_lib, "iterate_numpy", iterate)
+
+
+def test_nan_stops_training_naming_the_step_and_keeps_the_last_checkpoint(
+    tmp_path, demo_data, monkeypatch):
+  poison(monkeypatch, {6})
+  c = tiny_config(demo_data, steps=10)
+  c.train.checkpoint_every = 5
+  with pytest.raises(train.NonFiniteError, match="at step 7; the last good checkpoint is step 5"):
+    train.train_and_evaluate(c, str(tmp_path))
+  assert checkpoint_steps(tmp_path) == [5]
+
+
+def test_skip_nonfinite_finishes_and_counts_skips(tmp_path, demo_data, monkeypatch):
+  poison(monkeypatch, {3, 7})
+  c = tiny_config(demo_data, steps=10)
+  c.train.skip_nonfinite = True
+  results = train.train_and_evaluate(c, str(tmp_path))
+  rows = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "train/nonfinite_steps" in r]
+  assert sum(r["train/nonfinite_steps"] for r in rows) == 2
+  assert np.isfinite(results["eval/cosine_token"])
+
+
+def test_skip_nonfinite_stops_after_too_many_in_a_row(tmp_path, demo_data, monkeypatch):
+  poison(monkeypatch, set(range(3, 20)))
+  c = tiny_config(demo_data, steps=20)
+  c.train.skip_nonfinite = True
+  c.train.max_nonfinite_in_a_row = 3
+  with pytest.raises(train.NonFiniteError, match="4 non-finite steps in a row"):
+    train.train_and_evaluate(c, str(tmp_path))
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--config.train.steps=0", "train.steps must be positive"),
+    ("--config.eval.solver=rk4", "eval.solver must be one of"),
+    ("--config.model.size=huge", "model.size must be one of"),
+])
+def test_invalid_values_exit_2(tmp_path, demo_data, override, message):
+  result = run_main([*small_args(tmp_path / "w", demo_data, 5), override], timeout=300)
+  assert result.returncode == 2, result.stderr[-1500:]
+  assert message in result.stderr
+
+
+def test_batch_not_divisible_by_device_count_exits_2(tmp_path, demo_data):
+  result = run_main([*small_args(tmp_path / "w", demo_data, 5),
+                     "--config.train.batch_size=12"], timeout=300,
+                    env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+  assert result.returncode == 2, result.stderr[-1500:]
+  assert "divisible by the 8 devices" in result.stderr
+
+
+def test_empty_data_dir_exits_2(tmp_path):
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  result = run_main(["--workdir", str(tmp_path / "w"), f"--config.data.dir={empty}"],
+                    timeout=300)
+  assert result.returncode == 2
+  assert "not a features dataset" in result.stderr
+
+
+def test_resuming_with_other_shapes_or_model_exits_2(tmp_path, demo_data):
+  c = tiny_config(demo_data, steps=2)
+  train.train_and_evaluate(c, str(tmp_path))
+  c.model.dim = 32
+  with pytest.raises(train.ConfigError, match="model with dim=64"):
+    train.setup(c, str(tmp_path))
+
+
+def test_limits_beyond_the_split_mean_the_whole_split(demo_data):
+  size = data_lib.split_size(demo_data, "validation")
+  feats = data_lib.load_features(demo_data, "validation", limit=size * 10)
+  assert len(feats["key"]) == size
