@@ -9,6 +9,13 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# One persistent compilation cache for the session, subprocesses included: the many small
+# runs share programs, so each compiles once.
+_CACHE = os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR",
+    os.path.join(os.environ.get("TMPDIR", "/tmp"), f"flowmap-test-jax-cache-{os.getuid()}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 
 def tiny_config(data_dir: str = "", steps: int = 20):
@@ -40,6 +47,13 @@ def demo_data(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("demo_data"))
   synthetic.write_demo_dataset(path, train_size=256, validation_size=32)
   return path
+
+
+@pytest.fixture(scope="session")
+def small_run(tmp_path_factory):
+  """One trained run shared by the evaluation, mapper and notebook tests (conftest_run.py)."""
+  import conftest_run
+  return conftest_run.train_small_run(tmp_path_factory.mktemp("small_run"))
 
 
 def run_main(args, timeout=600, env=None):
