@@ -17,6 +17,7 @@ needs ``Normalizer`` or ``load_stats`` does not pay for it.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -388,6 +389,70 @@ def make_dataset(data_dir: str, split: str, names: Sequence[str], batch_size: in
   if skip_batches:
     ds = ds.skip(skip_batches)
   return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+  return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+def train_batches(data_dir: str, split: str, names: Sequence[str], global_batch: int, *,
+                  normalizers: Optional[Mapping[str, Normalizer]] = None, seed: int = 0,
+                  limit: int = 0, start_step: int = 0, process_index: int = 0,
+                  process_count: int = 1, shuffle_buffer: int = 10_000,
+                  in_memory_bytes: int = 2 << 30) -> Iterator[dict]:
+  """Endless training batches for this process: dicts name -> float32 [local, tokens, dim].
+
+  The order is a function of (seed, step) only, so a resumed run gets the batches the
+  uninterrupted run would have had. Training is organised in epochs of
+  ``rows // global_batch`` steps, each with its own seed.
+
+  * A split (or ``limit`` rows of it) under ``in_memory_bytes`` is held in memory by every
+    process; each epoch draws one global permutation and process p takes its slice of each
+    global batch. The batches are then identical whatever the process count, and resuming
+    is free.
+  * A larger split streams: each process reads its own even part of the files, shuffled per
+    epoch (file order and a ``shuffle_buffer`` window, both seeded by the epoch). Resuming
+    replays the current epoch up to the step, reading at most one epoch.
+  """
+  if global_batch % process_count:
+    raise DataError(f"global batch {global_batch} does not split over {process_count} processes")
+  local = global_batch // process_count
+  builder = _builder(data_dir)
+  if split not in builder.info.splits:
+    raise DataError(f"{data_dir} has no {split!r} split; it has {list(builder.info.splits)}")
+  rows = builder.info.splits[split].num_examples
+  if limit > 0:
+    rows = min(rows, limit)
+  stats = load_stats(data_dir)
+  row_bytes = sum(4 * int(np.prod(feature_shape(stats, n))) for n in names)
+  if rows < global_batch:
+    raise DataError(f"the {split!r} split has {rows} rows, fewer than one batch of "
+                    f"{global_batch}")
+  steps_per_epoch = rows // global_batch
+  epoch, offset = divmod(start_step, steps_per_epoch)
+  normalizers = normalizers or {}
+
+  if rows * row_bytes <= in_memory_bytes:
+    feats = load_features(data_dir, split, rows, names)
+    arrays = {}
+    for n in names:
+      x = feats[n]
+      norm = normalizers.get(n)
+      arrays[n] = np.asarray(norm.encode(x) if norm is not None else x, np.float32)
+    while True:
+      order = np.random.default_rng(_epoch_seed(seed, epoch)).permutation(rows)
+      for step in range(offset, steps_per_epoch):
+        idx = order[step * global_batch + process_index * local:][:local]
+        yield {n: a[idx] for n, a in arrays.items()}
+      epoch, offset = epoch + 1, 0
+
+  while True:
+    ds = make_dataset(data_dir, split, names, local, normalizers=normalizers,
+                      shuffle=True, repeat=False, seed=_epoch_seed(seed, epoch), limit=limit,
+                      process_index=process_index, process_count=process_count,
+                      shuffle_buffer=shuffle_buffer, skip_batches=offset)
+    yield from itertools.islice(iterate_numpy(ds), steps_per_epoch - offset)
+    epoch, offset = epoch + 1, 0
 
 
 def iterate_numpy(ds) -> Iterator[dict]:
