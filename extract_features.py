@@ -8,7 +8,8 @@ r"""Images -> a features dataset (TFRecords) that training reads through config.
 Run the same command again to resume: finished shards are skipped. Split the work over a
 SLURM array with --num_workers $SLURM_ARRAY_TASK_COUNT --worker_index $SLURM_ARRAY_TASK_ID.
 A configuration that cannot run (missing input, an encoder that cannot load, an output
-folder holding other features) stops before any work with one line and exit code 2.
+folder holding other features or that cannot be written) stops before any work with one line
+and exit code 2; so does a write that fails later (full disk), keeping the finished shards.
 """
 
 import logging as std_logging
@@ -55,6 +56,7 @@ _PROGRESS = flags.DEFINE_bool("progress", True, "show a progress bar (images/s)"
 
 
 def fail(message: str):
+  message = " ".join(str(message).splitlines())   # one line, whatever a path or error holds
   print(f"extract_features.py: error: {message}", file=sys.stderr)
   sys.exit(2)
 

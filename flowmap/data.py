@@ -118,6 +118,8 @@ class ShardWriter:
     self.shapes = {k: tuple(v) for k, v in feature_shapes.items()}
     self.dtype = np.dtype(dtype)
     self.spec = features_spec(self.shapes, dtype)
+    from tensorflow_datasets.core import example_serializer
+    self._serializer = example_serializer.ExampleSerializer(self.spec.get_serialized_info())
     self.path = os.path.join(out_dir, shard_name(split, index, num_shards))
     self.tmp_path = self.path + ".incomplete"
     self.writer = tf.io.TFRecordWriter(self.tmp_path)
@@ -138,8 +140,11 @@ class ShardWriter:
         raise ValueError(f"{key}: feature {name!r} has non-finite values "
                          f"(after casting to {self.dtype})")
       cast[name] = stored
-    self.writer.write(self.spec.serialize_example(
+    # Deterministic: protobuf writes map fields (the features) in an order that differs
+    # from one process to the next, and a resumed run must give the same bytes.
+    example = self._serializer.get_tf_example(self.spec.encode_example(
         {"key": key, "caption": caption or "", **cast}))
+    self.writer.write(example.SerializeToString(deterministic=True))
     for name, x in cast.items():
       self.moments[name].add(x)
     self.count += 1

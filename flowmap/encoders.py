@@ -17,10 +17,15 @@ Encoders that name the same checkpoint share one loaded network and one forward 
 Preprocessing is split in two: the geometric part (resize, centre crop) runs on uint8 PIL
 images in the decoding workers and is shared by every encoder with the same geometry; the
 arithmetic part (rescale, mean/std) runs on the device.
+
+Loading never runs code from a checkpoint unless asked: weights are read from safetensors
+only (a pickled ``.bin``/``.pth`` is refused, never unpickled, even with ``weights_only``),
+and model code shipped with an ``hf:`` checkpoint runs only with ``trust_remote_code``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.machinery
 import importlib.util
@@ -394,9 +399,15 @@ class TimmNetwork(Network):
                          "from timm models; layers count blocks from 1, or from the end")
 
 
+_PICKLED_SUFFIXES = (".bin", ".pth", ".pt", ".pth.tar", ".ckpt", ".pkl", ".pickle")
+_SAFETENSORS_HINT = ("flowmap loads safetensors weights only, so that loading a checkpoint "
+                     "never runs code: convert the weights to safetensors once, where you "
+                     "trust the file")
+
+
 def _check_local_dir(source: str, path: str, marker: str, always: bool = False) -> None:
   """A clear error for a local checkpoint folder that is not there (rather than the hub's
-  complaint about an invalid repository id)."""
+  complaint about an invalid repository id), or that holds pickled weights only."""
   looks_local = always or path.startswith(("/", "./", "../", "~")) or os.path.exists(path)
   if not looks_local:
     return
@@ -405,6 +416,35 @@ def _check_local_dir(source: str, path: str, marker: str, always: bool = False) 
     raise EncoderError(f"{source}: no such directory")
   if not os.path.exists(os.path.join(path, marker)):
     raise EncoderError(f"{source}: the directory holds no {marker}")
+  names = sorted(os.listdir(path))
+  pickled = [n for n in names if n.lower().endswith(_PICKLED_SUFFIXES)]
+  if pickled and not any(n.endswith((".safetensors", ".safetensors.index.json"))
+                         for n in names):
+    raise EncoderError(f"{source}: the weights are pickled ({', '.join(pickled[:3])}); "
+                       f"{_SAFETENSORS_HINT}")
+
+
+class _Unpickling(EncoderError):
+  """Raised in place of torch.load while a checkpoint loads."""
+
+
+@contextlib.contextmanager
+def _no_unpickling(source: str):
+  """Makes any ``torch.load`` during a checkpoint load fail instead of unpickling: timm (and
+  transformers without ``use_safetensors``) fall back to pickled ``.bin``/``.pth`` files
+  when a checkpoint has no safetensors, and ``weights_only`` unpickling is still unpickling
+  of an untrusted file. Loading happens once, before any worker thread starts."""
+  real = torch.load, torch.serialization.load
+
+  def refuse(f, *args, **kwargs):
+    name = os.path.basename(str(getattr(f, "name", f)))
+    raise _Unpickling(f"{source}: its weights are pickled ({name}); {_SAFETENSORS_HINT}")
+
+  torch.load = torch.serialization.load = refuse
+  try:
+    yield
+  finally:
+    torch.load, torch.serialization.load = real
 
 
 def load_hf(ref: str, processor_ref: Optional[str], trust_remote_code: bool,
@@ -418,32 +458,42 @@ def load_hf(ref: str, processor_ref: Optional[str], trust_remote_code: bool,
   try:
     config = AutoConfig.from_pretrained(ref, trust_remote_code=trust_remote_code)
   except Exception as e:  # noqa: BLE001 - any failure to load is one configuration error
-    hint = (" (it ships its own code: pass --trust_remote_code to run it)"
-            if "trust_remote_code" in str(e) and not trust_remote_code else "")
-    raise EncoderError(f"cannot load {source}: {_first_line(e)}{hint}") from None
+    if "trust_remote_code" in str(e) and not trust_remote_code:
+      raise EncoderError(f"{source} ships its own model code, which runs only with "
+                         "--trust_remote_code (read that code first: it runs with your "
+                         "permissions)") from None
+    raise EncoderError(f"cannot load {source}: {_first_line(e)}") from None
   try:
     processor = AutoImageProcessor.from_pretrained(processor_ref or ref, backend="pil",
                                                    trust_remote_code=trust_remote_code)
   except Exception as e:  # noqa: BLE001
+    if "trust_remote_code" in str(e) and not trust_remote_code:
+      raise EncoderError(f"the image processor of {source} ships its own code, which runs "
+                         "only with --trust_remote_code; or name another with "
+                         "processor=<hub id or dir>") from None
     raise EncoderError(
         f"cannot load the image processor of {source} ({_first_line(e)}); name one with "
         f"processor=<hub id or dir>, e.g. processor=openai/clip-vit-large-patch14") from None
   preprocess = preprocess_from_hf_processor(processor)
   try:
-    if config.model_type in ("clip", "clip_vision_model"):
-      # The vision tower and its projection only: the text tower is never loaded. A full
-      # CLIP checkpoint keeps the projection width at the top level of its config.
-      vision_config = config
-      if config.model_type == "clip":
-        vision_config = config.vision_config
-        vision_config.projection_dim = config.projection_dim
-      model = transformers.CLIPVisionModelWithProjection.from_pretrained(
-          ref, config=vision_config, dtype=dtype or torch.float32)
-    else:
-      model = AutoModel.from_pretrained(ref, trust_remote_code=trust_remote_code,
-                                        dtype=dtype or torch.float32)
+    with _no_unpickling(source):
+      if config.model_type in ("clip", "clip_vision_model"):
+        # The vision tower and its projection only: the text tower is never loaded. A full
+        # CLIP checkpoint keeps the projection width at the top level of its config.
+        vision_config = config
+        if config.model_type == "clip":
+          vision_config = config.vision_config
+          vision_config.projection_dim = config.projection_dim
+        model = transformers.CLIPVisionModelWithProjection.from_pretrained(
+            ref, config=vision_config, dtype=dtype or torch.float32, use_safetensors=True)
+      else:
+        model = AutoModel.from_pretrained(ref, trust_remote_code=trust_remote_code,
+                                          dtype=dtype or torch.float32, use_safetensors=True)
+  except EncoderError:
+    raise
   except Exception as e:  # noqa: BLE001
-    raise EncoderError(f"cannot load {source}: {_first_line(e)}") from None
+    hint = f"; {_SAFETENSORS_HINT}" if "safetensors" in str(e) else ""
+    raise EncoderError(f"cannot load {source}: {_first_line(e)}{hint}") from None
   tower = getattr(model, "vision_model", model)
   projection = getattr(model, "visual_projection", None)
   vision_config = getattr(config, "vision_config", None) or config
@@ -457,7 +507,10 @@ def load_timm(ref: str, dtype: Optional[torch.dtype]) -> TimmNetwork:
   if ref.startswith("local-dir:"):
     _check_local_dir(source, ref[len("local-dir:"):], "config.json", always=True)
   try:
-    model = timm.create_model(ref, pretrained=True)
+    with _no_unpickling(source):
+      model = timm.create_model(ref, pretrained=True)
+  except EncoderError:
+    raise
   except Exception as e:  # noqa: BLE001
     known = ""
     if "Invalid pretrained tag" in str(e):   # e.g. open_clip's tag names

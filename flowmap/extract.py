@@ -12,7 +12,9 @@ under a temporary name and renamed when complete (flowmap.data.ShardWriter); its
 extraction report (``parts/extract/``, counts read, written, skipped and why) is written
 last and marks it done, so a rerun of the same command skips it. Batches never span input
 shards, so a shard's bytes do not depend on which run or worker wrote it. Whichever worker
-completes the last shard writes the metadata, stats.json and manifest.json.
+completes the last shard writes the metadata, stats.json and manifest.json. An output folder
+that cannot be written is refused before any work; a write that fails later (full disk)
+discards the shard in progress and stops with one ``OutputError``, keeping the finished ones.
 
 Decoding runs in a thread pool (Pillow releases the GIL while decoding and resizing) ahead
 of the device; writing runs in its own thread behind it. A bad item (corrupted or
@@ -25,14 +27,18 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
+import errno
 import glob
 import hashlib
 import io
 import json
 import os
 import re
+import sys
 import tarfile
+import tempfile
 import uuid
 import zlib
 from typing import Iterator, Optional, Sequence
@@ -62,6 +68,14 @@ class ExtractError(ValueError):
   """A configuration that cannot run: missing input, bad flags, an encoder that cannot load,
   an output folder that holds something else. The command line reports it in one line and
   exits with code 2."""
+
+
+class OutputError(ExtractError):
+  """The output folder cannot be written: read-only, not a folder, full disk or quota. Found
+  before any work when possible, else when a write fails; either way it is reported like a
+  configuration error (one line, exit code 2), the shard in progress is discarded (no
+  partial shard ever carries its final name) and the finished ones are kept, so running the
+  same command again once the cause is fixed resumes."""
 
 
 CONFIG_ERRORS = (ExtractError, data_lib.DataError)
@@ -480,11 +494,107 @@ def _report_path(out: str, split: str, index: int, num_shards: int) -> str:
 def _write_json(path: str, obj) -> None:
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = f"{path}.{uuid.uuid4().hex}.tmp"     # every worker of an array writes the run record
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1, sort_keys=True)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  try:
+    with open(tmp, "w") as f:
+      json.dump(obj, f, indent=1, sort_keys=True)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+    raise
+
+
+# errno values that mean "the disk is full"; TensorFlow's writers raise their own error types,
+# with an empty message for a full disk.
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+_TF_REASONS = {"ResourceExhaustedError": f"{os.strerror(errno.ENOSPC)} (or over quota)",
+               "PermissionDeniedError": os.strerror(errno.EACCES)}
+
+
+def _write_failure(out: str, e: BaseException) -> Optional[OutputError]:
+  """The OutputError for ``e`` raised while writing under ``out``, or None when ``e`` is not
+  an I/O error (OSError, or one of TensorFlow's, which TFRecordWriter raises)."""
+  if isinstance(e, OutputError):
+    return e
+  if isinstance(e, OSError):
+    reason = e.strerror or str(e) or type(e).__name__
+    full = e.errno in _FULL
+    where = f" ({e.filename})" if e.filename else ""
+  else:
+    tf = sys.modules.get("tensorflow")
+    if tf is None or not isinstance(e, tf.errors.OpError):
+      return None
+    name = type(e).__name__
+    message = (getattr(e, "message", "") or "").strip().splitlines()
+    reason = _TF_REASONS.get(name) or (message[0] if message else name)
+    full = name == "ResourceExhaustedError"
+    where = ""
+  hint = ("free some space (or choose another --out), then run the same command again: "
+          "finished shards are kept" if full else
+          "choose an --out you can write to (finished shards, if any, are kept)")
+  return OutputError(f"cannot write to --out {out}: {reason}{where}; {hint}")
+
+
+@contextlib.contextmanager
+def _writing(out: str):
+  """Turns an I/O error of the output folder into one OutputError."""
+  try:
+    yield
+  except Exception as e:  # noqa: BLE001 - only I/O errors are converted, the rest re-raised
+    failure = _write_failure(out, e)
+    if failure is None or failure is e:
+      raise
+    raise failure from e
+
+
+def check_writable(out: str) -> None:
+  """Fails with an OutputError, before any work and leaving nothing behind, when ``out``
+  cannot be created or written. Tries a real write (a temporary folder in ``out`` or its
+  nearest existing ancestor): permission bits say nothing when running as root."""
+  path = os.path.abspath(out)
+  existing = path
+  while not os.path.lexists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise OutputError(f"cannot write to --out {out}: {existing} is not a folder; choose an "
+                      "--out you can write to")
+  try:
+    os.rmdir(tempfile.mkdtemp(prefix=".flowmap-write-test-", dir=existing))
+  except OSError as e:   # named after the folder, not the probe's temporary name
+    raise _write_failure(out, OSError(e.errno, e.strerror, existing)) from None
+
+
+def _discard(writer: data_lib.ShardWriter) -> None:
+  """Drops a shard in progress, whatever state a failed write left its writer in."""
+  try:
+    writer.abort()
+  except Exception:  # noqa: BLE001 - the error that got us here is the one to report
+    with contextlib.suppress(OSError):
+      os.remove(writer.tmp_path)
+
+
+def _remove_stale_temporaries(out: str, record: dict, indices: Sequence[int]) -> None:
+  """Removes what a killed run left of shards this worker is about to write again: the
+  temporary shards and any temporary JSON of their reports. Only this worker ever writes
+  these shards, so nothing another worker is writing can be touched."""
+  n = record["num_shards"]
+  stale = []
+  for index in indices:
+    for split in record["splits"]:
+      shard = os.path.join(out, data_lib.shard_name(split, index, n)) + ".incomplete"
+      part = data_lib._part_path(out, split, index, n)   # noqa: SLF001 - same package
+      if os.path.exists(shard):
+        stale.append(shard)
+      stale += glob.glob(glob.escape(part) + ".*.tmp")
+    report = _report_path(out, record["split"], index, n)
+    stale += glob.glob(glob.escape(report) + ".*.tmp")
+  for path in stale:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(path)
+  if stale:
+    logging.info("removed %d temporary files left by an interrupted run", len(stale))
 
 
 def _read_json(path: str):
@@ -601,9 +711,10 @@ class _OrderedWriter:
     self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _write_batch(writers, rows) -> None:
-  for split, key, caption, features in rows:
-    writers[split].add(key, caption, features)
+def _write_batch(out: str, writers, rows) -> None:
+  with _writing(out):
+    for split, key, caption, features in rows:
+      writers[split].add(key, caption, features)
 
 
 class Progress:
@@ -636,8 +747,7 @@ def extract_shard(cfg: ExtractConfig, record: dict, shard: InputShard, index: in
   num_shards = record["num_shards"]
   report = _ShardReport(shard, record, index)
   events = collections.Counter()
-  writers = {s: data_lib.ShardWriter(cfg.out, s, index, num_shards, shapes, cfg.dtype)
-             for s in record["splits"]}
+  writers = {}
   background = _OrderedWriter()
   decode_ahead = max(2 * cfg.batch_size, 8)
   stored_dtype = np.dtype(cfg.dtype)
@@ -664,11 +774,15 @@ def extract_shard(cfg: ExtractConfig, record: dict, shard: InputShard, index: in
       report.written[split] += 1
       rows.append((split, item.key, item.caption,
                    {name: x[i] for name, x in features.items()}))
-    background.submit(_write_batch, writers, rows)
+    background.submit(_write_batch, cfg.out, writers, rows)
     if progress is not None:
       progress.update(len(batch), report)
 
   try:
+    with _writing(cfg.out):
+      for split in record["splits"]:
+        writers[split] = data_lib.ShardWriter(cfg.out, split, index, num_shards, shapes,
+                                              cfg.dtype)
     batch = []
     samples = read_samples(shard, cfg.limit, events)
     for item in _prepared_in_order(samples, pool, encoders.geometries, cfg.min_image_size,
@@ -692,16 +806,20 @@ def extract_shard(cfg: ExtractConfig, record: dict, shard: InputShard, index: in
     background.drain()
     for reason, n in events.items():
       report.skipped[reason] += n
-    for writer in writers.values():
-      writer.commit()
+    with _writing(cfg.out):
+      for writer in writers.values():
+        writer.commit()
   except BaseException:
+    # A failed write (full disk), an error or an interrupt: the temporary shards go, so the
+    # output holds finished shards only and a rerun redoes this one.
     background.close()
     for writer in writers.values():
-      writer.abort()
+      _discard(writer)
     raise
   background.close()
   result = report.to_json()
-  _write_json(_report_path(cfg.out, record["split"], index, num_shards), result)
+  with _writing(cfg.out):
+    _write_json(_report_path(cfg.out, record["split"], index, num_shards), result)
   if progress is not None:
     progress.shard_done(report)
   return result
@@ -814,6 +932,7 @@ def run(cfg: ExtractConfig) -> Summary:
             "images_per_shard": cfg.images_per_shard, "min_image_size": cfg.min_image_size,
             "encoders": [s.to_json() for s in specs]}
   _check_out_dir(cfg.out, record)
+  check_writable(cfg.out)
   mine = list(range(cfg.worker_index, len(shards), cfg.num_workers))
   todo = [i for i in mine if not _shard_complete(cfg.out, record, i)]
 
@@ -833,8 +952,10 @@ def run(cfg: ExtractConfig) -> Summary:
         raise ExtractError(f"{cfg.out} holds features of shapes {other['features']} (split "
                            f"{split}), these encoders give {record['features']}; use another "
                            "--out")
-    os.makedirs(cfg.out, exist_ok=True)
-    _write_json(_record_path(cfg.out, cfg.split), record)
+    with _writing(cfg.out):
+      os.makedirs(cfg.out, exist_ok=True)
+      _write_json(_record_path(cfg.out, cfg.split), record)
+      _remove_stale_temporaries(cfg.out, record, todo)
     _hide_gpus_from_tensorflow()
     logging.info("worker %d/%d: %d of its %d input shards (of %d) left; encoders on %s, %s: "
                  "%s", cfg.worker_index, cfg.num_workers, len(todo), len(mine), len(shards),
@@ -861,7 +982,8 @@ def run(cfg: ExtractConfig) -> Summary:
                  cfg.worker_index, cfg.num_workers, len(mine), len(shards))
 
   # -- metadata: written by whichever worker completes the dataset
-  manifest = try_finalize(cfg.out)
+  with _writing(cfg.out):
+    manifest = try_finalize(cfg.out)
   if manifest is not None:
     logging.info("dataset %s complete: %s", cfg.out, _format_counts(manifest["counts"]))
   else:
