@@ -72,6 +72,10 @@ def get_config():
   c.eval.steps = 8              # model evaluations per sample in the periodic evaluation
   c.eval.guidance = 1.0         # classifier-free guidance scale (1 = off)
   c.eval.batch_size = 128
+  c.eval.baseline_rows = 2048   # training rows the ridge baseline is fitted on (cached)
+  c.eval.sweep_solvers = ("euler", "heun")                 # --mode eval sweeps these
+  c.eval.sweep_evaluations = (1, 2, 4, 8, 16, 32, 50)      # model evaluations per sample
+  c.eval.sweep_guidances = ()   # guidance scales swept besides 1 (needs flow.cond_dropout > 0)
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1              # -1: every device not used by fsdp
@@ -80,6 +84,9 @@ def get_config():
   c.map = ml_collections.ConfigDict()
   c.map.input = ""
   c.map.output = ""
+  c.map.suffix = "_mapped"      # the mapped feature is stored as <data.target><suffix>
+  c.map.batch_size = 256
+  c.map.ema = True              # False: map with the raw (non-EMA) weights
 
   c.wandb = ml_collections.ConfigDict()
   c.wandb.project = ""          # empty: no W&B

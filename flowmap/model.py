@@ -195,13 +195,11 @@ class Attention(nnx.Module):
     dt, d = cfg.compute_dtype, cfg.dim
     self.heads, self.kv_heads, self.head_dim = cfg.heads, cfg.kv_heads, d // cfg.heads
     kv = self.kv_heads * self.head_dim
-    self.q = Dense(d, d, rngs=rngs, dtype=dt, use_bias=False)
-    self.k = Dense(d, kv, rngs=rngs, dtype=dt, use_bias=False)
-    self.v = Dense(d, kv, rngs=rngs, dtype=dt, use_bias=False)
+    # q, k, v in one matmul (and the source's k, v in another): fewer, larger matmuls.
+    self.qkv = Dense(d, d + 2 * kv, rngs=rngs, dtype=dt, use_bias=False)
     self.q_norm = RMSNorm(self.head_dim, dtype=dt)
     self.k_norm = RMSNorm(self.head_dim, dtype=dt)
-    self.source_k = Dense(d, kv, rngs=rngs, dtype=dt, use_bias=False)
-    self.source_v = Dense(d, kv, rngs=rngs, dtype=dt, use_bias=False)
+    self.source_kv = Dense(d, 2 * kv, rngs=rngs, dtype=dt, use_bias=False)
     self.source_k_norm = RMSNorm(self.head_dim, dtype=dt)
     self.cross_gate = nnx.Param(jnp.zeros((self.heads,), jnp.float32))
     self.out = Dense(d, d, rngs=rngs, dtype=dt, use_bias=False)
@@ -210,11 +208,14 @@ class Attention(nnx.Module):
   def __call__(self, x, source, target_angles, source_angles):
     b, n, _ = x.shape
     m = source.shape[1]
-    q = self.q_norm(self.q(x).reshape(b, n, self.heads, self.head_dim))
-    k = self.k_norm(self.k(x).reshape(b, n, self.kv_heads, self.head_dim))
-    v = self.v(x).reshape(b, n, self.kv_heads, self.head_dim)
-    sk = self.source_k_norm(self.source_k(source).reshape(b, m, self.kv_heads, self.head_dim))
-    sv = self.source_v(source).reshape(b, m, self.kv_heads, self.head_dim)
+    hd, kvh = self.head_dim, self.kv_heads
+    q, k, v = jnp.split(self.qkv(x), [self.heads * hd, (self.heads + kvh) * hd], axis=-1)
+    q = self.q_norm(q.reshape(b, n, self.heads, hd))
+    k = self.k_norm(k.reshape(b, n, kvh, hd))
+    v = v.reshape(b, n, kvh, hd)
+    sk, sv = jnp.split(self.source_kv(source), 2, axis=-1)
+    sk = self.source_k_norm(sk.reshape(b, m, kvh, hd))
+    sv = sv.reshape(b, m, kvh, hd)
     q_rot = apply_rope(q, target_angles)
     out = attention(q_rot, apply_rope(k, target_angles), v, self.implementation)
     if source_angles is not None:   # both grids: relative positions across the two grids
@@ -229,12 +230,12 @@ class SwiGLU(nnx.Module):
   def __init__(self, dim: int, ratio: float, *, rngs: nnx.Rngs, dtype):
     hidden = int(2 * dim * ratio / 3)
     hidden = 64 * ((hidden + 63) // 64)
-    self.w1 = Dense(dim, hidden, rngs=rngs, dtype=dtype, use_bias=False)
-    self.w3 = Dense(dim, hidden, rngs=rngs, dtype=dtype, use_bias=False)
+    self.w13 = Dense(dim, 2 * hidden, rngs=rngs, dtype=dtype, use_bias=False)  # gate, up
     self.w2 = Dense(hidden, dim, rngs=rngs, dtype=dtype, use_bias=False)
 
   def __call__(self, x):
-    return self.w2(jax.nn.silu(self.w1(x)) * self.w3(x))
+    gate, up = jnp.split(self.w13(x), 2, axis=-1)
+    return self.w2(jax.nn.silu(gate) * up)
 
 
 class Block(nnx.Module):
@@ -340,3 +341,29 @@ class NextDiT(nnx.Module):
 
 def count_params(model: nnx.Module) -> int:
   return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def flops(cfg: ModelConfig) -> dict:
+  """Model FLOPs per example, counted from the matmuls and the attention (2 per multiply-add;
+  norms, RoPE and softmax are left out, as MFU conventions do).
+
+  ``forward`` is one evaluation, ``block`` the share of one block in it, ``train`` a forward
+  and backward pass: a backward pass costs two forwards, except for the projections of the
+  data (target, source, time), whose input needs no gradient.
+  """
+  (nt, dt_in), (ns, ds) = cfg.target_shape, cfg.source_shape
+  d, cond, hd = cfg.dim, cfg.cond_dim, cfg.dim // cfg.heads
+  kv = cfg.kv_heads * hd
+  hidden = int(2 * d * cfg.mlp_ratio / 3)
+  hidden = 64 * ((hidden + 63) // 64)
+  block = 2 * (cond * 4 * d                        # adaLN modulation
+               + nt * d * (d + 2 * kv)             # fused q, k, v
+               + ns * d * 2 * kv                   # source k, v
+               + 2 * nt * nt * d + 2 * nt * ns * d  # q k^T and p v, self and cross
+               + nt * d * d                        # out
+               + nt * d * 3 * hidden)              # SwiGLU
+  data_proj = 2 * (nt * dt_in * d + ns * ds * d + 256 * cond)
+  rest = 2 * (cond * cond + d * cond + cond * d + nt * d * dt_in
+              + (nt * d * d if cfg.aligned_conditioning else 0))
+  forward = data_proj + rest + cfg.depth * block
+  return {"forward": forward, "block": block, "train": 3 * forward - data_proj}

@@ -11,7 +11,7 @@ import functools
 import json
 import os
 import time
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -166,52 +166,6 @@ def _sync(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
-# ----------------------------------------------------------------------------- input
-
-def input_streams(config, mesh) -> list[int]:
-  """The streams of the training split this process reads, in batch-row order.
-
-  The split is read as ``data.streams`` disjoint equal parts (tfds even_splits: whole
-  TFRecord files wherever the part boundaries allow, so a host opens only its parts' files),
-  each shuffled by ``seed`` and batched to batch_size / streams rows; global batch k is
-  stream 0's k-th batch, then stream 1's, and so on. A process holds one contiguous range of
-  rows of the global batch (``sharding.process_rows``) and reads exactly the streams that
-  fill it. The batches are thus a function of (seed, streams), not of the process or device
-  count: with data.streams fixed to a multiple of every process count you will use, a run
-  resumed on another number of hosts, or replayed in one process, sees the same batches.
-  data.streams = 0 is one stream per process.
-  """
-  streams = config.data.streams or jax.process_count()
-  batch = config.train.batch_size
-  per = batch // streams
-  start, stop = sharding.process_rows(mesh, batch)
-  if streams < 1 or batch % streams or start % per or stop % per:
-    raise ConfigError(f"data.streams={config.data.streams} must split train.batch_size "
-                      f"{batch} evenly and be a multiple of the {jax.process_count()} "
-                      "processes")
-  return list(range(start // per, stop // per))
-
-
-def train_batches(run, start: int) -> Iterator[dict]:
-  """This process's rows of every global batch from step ``start`` on: normalised numpy
-  arrays by feature name (the order is ``input_streams``')."""
-  c = run.config
-  count = c.data.streams or jax.process_count()
-  names = [c.data.source, c.data.target]
-  iterators = [data_lib.iterate_numpy(data_lib.make_dataset(
-      run.data_dir, "train", names, c.train.batch_size // count,
-      normalizers={c.data.source: run.normalizers["source"],
-                   c.data.target: run.normalizers["target"]},
-      seed=c.seed, limit=c.data.overfit_size, cache_subset=bool(c.data.overfit_size),
-      shuffle_buffer=c.data.overfit_size or c.data.shuffle_buffer,
-      process_index=stream, process_count=count, skip_batches=start))
-      for stream in input_streams(c, run.mesh)]
-  while True:
-    parts = [next(it) for it in iterators]
-    yield parts[0] if len(parts) == 1 else {
-        n: np.concatenate([p[n] for p in parts]) for n in names}
-
-
 # ----------------------------------------------------------------------------- state
 
 def make_optimizer(config) -> optax.GradientTransformation:
@@ -269,9 +223,10 @@ def _global_norm(tree) -> jax.Array:
 
 
 def _per_block_norm(blocks_tree) -> jax.Array:
-  """Norm of each stacked block's slice: [depth]."""
+  """Norm of each stacked block's slice: [depth]. Summed over the trailing axes in place: a
+  reshape that merged them would all-gather every fsdp-sharded gradient first."""
   leaves = jax.tree.leaves(blocks_tree)
-  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32)).reshape(x.shape[0], -1), 1)
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32)), tuple(range(1, x.ndim)))
                       for x in leaves))
 
 
@@ -471,7 +426,6 @@ def setup(config, workdir: str) -> Run:
     raise ConfigError(f"train.batch_size {config.train.batch_size} (micro-batch "
                       f"{config.train.batch_size // config.train.grad_accum}) must be divisible "
                       f"by the {n_dev} devices")
-  input_streams(config, mesh)
   data_dir, stats = resolve_data(config, workdir)
   source_shape = data_lib.feature_shape(stats, config.data.source)
   target_shape = data_lib.feature_shape(stats, config.data.target)
@@ -518,8 +472,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if start >= c.train.steps:
     logging.info("already trained for %d steps", start)
 
-  # -- input: this process's rows of every global batch, resumed at `start`
-  batches = train_batches(run, start)
+  # -- input: this process's rows of every global batch, resumed at `start`; process p
+  # holds the p-th block of rows (sharding.make_mesh orders the devices by process)
+  batches = data_lib.train_batches(
+      run.data_dir, "train", [c.data.source, c.data.target], c.train.batch_size,
+      normalizers={c.data.source: run.normalizers["source"],
+                   c.data.target: run.normalizers["target"]},
+      seed=c.seed, limit=c.data.overfit_size, start_step=start,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      shuffle_buffer=c.data.shuffle_buffer)
 
   # -- the compiled step: state donated, shardings explicit
   batch_shard = sharding.batch_sharding(mesh)
@@ -563,7 +524,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       batch = next(batches)
       batch = sharding.global_batch({"source": batch[c.data.source],
                                      "target": batch[c.data.target]}, mesh)
-      state, metrics = step_fn(state, batch)
+      with jax.transfer_guard("disallow"):   # everything the step takes is already placed
+        state, metrics = step_fn(state, batch)
       if pending is not None:
         check(*pending)
       pending = (step + 1, metrics)

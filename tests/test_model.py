@@ -119,8 +119,10 @@ def test_positional_tables_are_not_parameters():
 def test_grouped_query_attention_shrinks_kv_projections():
   model = M.NextDiT(CFG, rngs=nnx.Rngs(0))
   head_dim = CFG.dim // CFG.heads
-  assert model.blocks.attention.k.kernel.shape == (CFG.depth, CFG.dim, CFG.kv_heads * head_dim)
-  assert model.blocks.attention.q.kernel.shape == (CFG.depth, CFG.dim, CFG.dim)
+  qkv = CFG.dim + 2 * CFG.kv_heads * head_dim     # fused q, k, v projection
+  assert model.blocks.attention.qkv.kernel.shape == (CFG.depth, CFG.dim, qkv)
+  assert model.blocks.attention.source_kv.kernel.shape == (
+      CFG.depth, CFG.dim, 2 * CFG.kv_heads * head_dim)
 
 
 @pytest.mark.parametrize("size,expected", [("tiny", (128, 4, 4)), ("small", (384, 6, 6)),

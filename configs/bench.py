@@ -1,0 +1,61 @@
+"""The benchmark's sizes: `python -m flowmap.benchmark --config configs/bench.py:SIZE`.
+
+SIZE is tiny (the CI smoke test, seconds), small, base or large (named model sizes of
+DESIGN.md on CLIP ViT-L/14-like features: 256 patch tokens of 1024 dims on both sides).
+Without data.dir the benchmark takes the shapes from data.source_shape / data.target_shape
+and writes a synthetic features dataset of those shapes for the input pipeline.
+"""
+
+import ml_collections
+
+from configs import default
+
+SHAPES = {   # (source, target), (tokens, dim)
+    "tiny": ((16, 32), (16, 24)),
+    "small": ((256, 1024), (256, 1024)),
+    "base": ((256, 1024), (256, 1024)),
+    "large": ((256, 1024), (256, 1024)),
+}
+
+
+def get_config(size: str = "small"):
+  if size not in SHAPES:
+    raise ValueError(f"unknown benchmark size {size!r}; expected one of {list(SHAPES)}")
+  c = default.get_config()
+  c.data.source, c.data.target = "source", "target"
+  c.data.source_shape, c.data.target_shape = SHAPES[size]
+  c.model.size = size
+  # float32 compute: on CPUs without AVX512-BF16 or AMX bfloat16 matmuls are emulated and
+  # slower (the benchmark measures both peaks; try --config.model.dtype=bfloat16 on GPUs).
+  c.model.dtype = "float32"
+  c.train.batch_size = 8
+  c.train.steps = 100_000
+  c.train.warmup_steps = 10   # so that the timed steps update the parameters
+
+  c.bench = ml_collections.ConfigDict()
+  c.bench.warmup_steps = 2
+  c.bench.windows = 5
+  c.bench.steps_per_window = 2
+  c.bench.sample_batch = 0            # 0: train.batch_size
+  c.bench.sample_evaluations = (8, 50)
+  c.bench.solvers = ("euler", "heun")
+  c.bench.sample_repeats = 3
+  c.bench.budget_s = 120.0            # a contender stops repeating after this much
+  c.bench.max_call_s = 600.0          # a call predicted longer than this is skipped
+  c.bench.peak_matmul_size = 0        # 0: 2048 on CPUs, 8192 on accelerators
+  c.bench.input_examples = 128
+  c.bench.input_batches = 40
+  c.bench.input_shuffle_buffer = 256
+  c.bench.peer_precisions = ("float32", "bf16_autocast")
+
+  if size == "tiny":
+    c.model.dim, c.model.depth, c.model.heads = 64, 2, 4
+    c.bench.warmup_steps = 1
+    c.bench.windows = 2
+    c.bench.steps_per_window = 1
+    c.bench.sample_evaluations = (2,)
+    c.bench.sample_repeats = 2
+    c.bench.peak_matmul_size = 256
+    c.bench.input_examples = 32
+    c.bench.input_batches = 8
+  return c

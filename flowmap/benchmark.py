@@ -1,0 +1,659 @@
+"""How fast flowmap trains and samples, and how that compares with the PyTorch peer.
+
+  python -m flowmap.benchmark --config configs/bench.py:small [--peer lumina] [--out FILE]
+
+prints one JSON object on stdout (the keys of DESIGN.md, "Benchmark JSON") and a readable
+table on stderr. Measured: the train step (samples/s, tokens/s, model FLOPs counted
+analytically and cross-checked against XLA's cost analysis, TFLOP/s, MFU), compile times, the
+Euler and Heun samplers, the tf.data reader, and peak memory.
+
+Every figure is the median of several timed repetitions. A shared machine's load changes by
+the minute, so whatever is compared is measured in one process and interleaved: each round
+times one window of every contender (the matmul peak that MFU is taken against, flowmap, the
+peer in float32, the peer under bfloat16 autocast) before the next round starts.
+
+``--peer lumina`` runs diffusers' LuminaNextDiT2DModel (what BLIP3-o trains) at the matched
+size: hidden size, layers and heads of the config, the target tokens as a square image with
+patch size 1, the target dim as channels, the source tokens as its caption features,
+trained with AdamW (clipping and EMA as flowmap does) and sampled with an Euler loop. Its
+packages are in requirements-bench.txt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from flowmap import data as data_lib
+from flowmap import evaluate as evaluate_lib
+from flowmap import model as model_lib
+from flowmap import sharding
+from flowmap import train as train_lib
+
+# What the benchmark does when the config has no `bench` section (configs/bench.py has one).
+DEFAULTS = {
+    "warmup_steps": 2,          # untimed train steps after compiling
+    "windows": 5,               # timed train windows per contender
+    "steps_per_window": 2,
+    "sample_batch": 0,          # rows per sampler call; 0: train.batch_size
+    "sample_evaluations": (8, 50),
+    "solvers": ("euler", "heun"),
+    "sample_repeats": 3,
+    "budget_s": 120.0,          # a contender stops repeating after this much timed work
+    "max_call_s": 600.0,        # a call predicted to take longer than this is skipped
+    "peak_matmul_size": 0,      # 0: 2048 on CPUs, 8192 on accelerators
+    "input_examples": 128,      # rows of the synthetic dataset written when data.dir is empty
+    "input_batches": 40,
+    "input_shuffle_buffer": 256,
+    "peer_precisions": ("float32", "bf16_autocast"),
+}
+
+# Dense tensor-core peaks from the datasheets, TFLOP/s: (bfloat16/float16, tf32).
+DATASHEET_TFLOPS = {
+    "H200": (989.4, 494.7),
+    "H100 PCIe": (756.0, 378.0),
+    "H100": (989.4, 494.7),     # SXM
+    "A100": (312.0, 156.0),
+    "L40S": (362.1, 183.0),
+    "L4": (121.0, 60.0),
+    "A10G": (70.0, 35.0),
+}
+
+
+class BenchmarkError(ValueError):
+  """A configuration the benchmark cannot run; reported as one line, exit code 2."""
+
+
+# ----------------------------------------------------------------------------- settings
+
+def settings(config) -> ml_collections.ConfigDict:
+  s = ml_collections.ConfigDict(DEFAULTS)
+  if "bench" in config:
+    for k, v in config.bench.items():
+      if k not in DEFAULTS:
+        raise BenchmarkError(f"unknown key bench.{k}; known: {sorted(DEFAULTS)}")
+      s[k] = v
+  return s
+
+
+def feature_shapes(config) -> tuple[tuple[int, int], tuple[int, int]]:
+  """(source, target) shapes: the dataset's when data.dir is set, else the config's."""
+  shapes = {}
+  stats = data_lib.load_stats(config.data.dir) if config.data.dir else None
+  for role in ("source", "target"):
+    configured = config.data.get(f"{role}_shape")
+    configured = tuple(int(v) for v in configured) if configured else None
+    if stats is not None:
+      shapes[role] = data_lib.feature_shape(stats, config.data[role])
+      if configured is not None and configured != shapes[role]:
+        raise BenchmarkError(f"data.{role}_shape is {configured} but feature "
+                             f"{config.data[role]!r} has shape {shapes[role]}")
+    elif configured is None:
+      raise BenchmarkError(f"no dataset (data.dir) and no data.{role}_shape: the benchmark "
+                           "needs the feature shapes from one of them")
+    else:
+      shapes[role] = configured
+  return shapes["source"], shapes["target"]
+
+
+# ----------------------------------------------------------------------------- timing
+
+@dataclasses.dataclass
+class Timed:
+  """One contender: ``run()`` does one repetition of work to completion, ``units`` of it."""
+  name: str
+  run: Callable[[], None]
+  units: float
+  times: list = dataclasses.field(default_factory=list)
+
+  def rate(self) -> Optional[float]:
+    return self.units / statistics.median(self.times) if self.times else None
+
+
+def round_robin(contenders: list[Timed], repeats: int, budget_s: float) -> None:
+  """Times every contender once per round, so that load changes hit all of them alike; a
+  contender whose timed work passed ``budget_s`` sits out the remaining rounds."""
+  for r in range(repeats):
+    for c in contenders:
+      if r and sum(c.times) > budget_s:
+        continue
+      start = time.perf_counter()
+      c.run()
+      c.times.append(time.perf_counter() - start)
+
+
+def peak_matmul(dtype, n: int) -> Timed:
+  """A large matmul in the compute dtype with float32 accumulation: the peak MFU is taken
+  against, measured on the same device in the same run."""
+  k1, k2 = jax.random.split(jax.random.key(0))
+  a = jax.random.normal(k1, (n, n), jnp.float32).astype(dtype)
+  b = jax.random.normal(k2, (n, n), jnp.float32).astype(dtype)
+  f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32)).lower(
+      a, b).compile()
+  f(a, b).block_until_ready()
+  return Timed("peak matmul", lambda: f(a, b).block_until_ready(), 2.0 * n ** 3)
+
+
+# ----------------------------------------------------------------------------- memory
+
+def _status_kib(field: str) -> Optional[int]:
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith(field + ":"):
+          return int(line.split()[1])
+  except OSError:
+    pass
+  return None
+
+
+class HostMemory:
+  """Peak resident memory of one phase: the kernel's high-water mark is reset at the start
+  (Linux), so a phase's peak is its own and not an earlier phase's."""
+
+  def __init__(self):
+    try:
+      with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+      self.reset = True
+    except OSError:
+      self.reset = False
+    self.start_kib = _status_kib("VmRSS")
+
+  def peak_mb(self) -> Optional[float]:
+    hwm = _status_kib("VmHWM") if self.reset else None
+    return None if hwm is None else hwm / 1024
+
+  def increase_mb(self) -> Optional[float]:
+    peak = self.peak_mb()
+    return None if peak is None or self.start_kib is None else peak - self.start_kib / 1024
+
+
+def device_peak_memory_mb() -> Optional[float]:
+  stats = jax.local_devices()[0].memory_stats()
+  if not stats or "peak_bytes_in_use" not in stats:
+    return None
+  return stats["peak_bytes_in_use"] / 2 ** 20
+
+
+# ----------------------------------------------------------------------------- device
+
+def describe_device() -> tuple[str, dict]:
+  d = jax.local_devices()[0]
+  info = {"platform": d.platform, "kind": d.device_kind, "count": jax.device_count(),
+          "processes": jax.process_count(), "host_cpus": os.cpu_count(),
+          "jax": jax.__version__}
+  if d.platform == "cpu":
+    cpu = platform.processor() or "cpu"
+    try:
+      with open("/proc/cpuinfo") as f:
+        cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+      pass
+    info["cpu"] = cpu
+    return f"cpu: {cpu}, {os.cpu_count()} cores", info
+  return f"{d.device_kind} x{jax.device_count()}", info
+
+
+def datasheet_tflops(device_kind: str, dtype) -> Optional[float]:
+  for name, (half, tf32) in DATASHEET_TFLOPS.items():
+    if name.lower() in device_kind.lower():
+      return tf32 if jnp.dtype(dtype) == jnp.float32 else half
+  return None
+
+
+# ----------------------------------------------------------------------------- flowmap
+
+class Flowmap:
+  """flowmap's train step and samplers, built as train.py and evaluate.py build them."""
+
+  def __init__(self, config, model_cfg: model_lib.ModelConfig, sample_batch: int):
+    self.config, self.model_cfg = config, model_cfg
+    self.batch = config.train.batch_size
+    self.mesh = sharding.make_mesh(config.mesh)
+    self.tx = train_lib.make_optimizer(config)
+    self.graphdef, self.state, shardings = train_lib.create_state(
+        model_cfg, self.tx, config.seed, self.mesh)
+    batch_shard = sharding.batch_sharding(self.mesh)
+    keys = jax.random.split(jax.random.key(config.seed), 4)
+    (ns, ds), (nt, dt) = model_cfg.source_shape, model_cfg.target_shape
+    put = lambda x: jax.device_put(x, batch_shard)
+    self.train_batch = {"source": put(jax.random.normal(keys[0], (self.batch, ns, ds))),
+                        "target": put(jax.random.normal(keys[1], (self.batch, nt, dt)))}
+    self.sample_source = put(jax.random.normal(keys[2], (sample_batch, ns, ds)))
+    self.sample_noise = put(jax.random.normal(keys[3], (sample_batch, nt, dt)))
+    self.sample_batch = sample_batch
+    step = jax.jit(train_lib.make_train_step(config, self.graphdef, self.tx),
+                   in_shardings=(shardings, {"source": batch_shard, "target": batch_shard}),
+                   out_shardings=(shardings, sharding.replicated(self.mesh)),
+                   donate_argnums=(0,))
+    start, cpu = time.perf_counter(), time.process_time()
+    self.step = step.lower(self.state, self.train_batch).compile()
+    self.compile_s = time.perf_counter() - start
+    self.compile_cpu_s = time.process_time() - cpu   # less sensitive to a busy machine
+    self.xla_flops_raw = _cost_flops(self.step)
+
+  def run_steps(self, n: int) -> None:
+    for _ in range(n):
+      self.state, metrics = self.step(self.state, self.train_batch)
+    jax.block_until_ready((self.state, metrics))
+
+  def xla_block_flops(self) -> Optional[float]:
+    """XLA's count for one block's forward and backward pass, batch included.
+
+    XLA's cost analysis counts the body of a while loop once, and the blocks run in one
+    lax.scan, so the step's count is completed with (depth - 1) of these.
+    """
+    cfg = self.model_cfg
+    graphdef, state = nnx.split(model_lib.Block(cfg, rngs=nnx.Rngs(0)))
+    target_angles, source_angles = model_lib.NextDiT.rope_tables(cfg)
+    b, dt = self.batch, cfg.compute_dtype
+    h = jnp.zeros((b, cfg.target_shape[0], cfg.dim), dt)
+    s = jnp.zeros((b, cfg.source_shape[0], cfg.dim), dt)
+    c = jnp.zeros((b, cfg.cond_dim), dt)
+
+    def f(state, h, s, c):
+      out = nnx.merge(graphdef, state)(h, s, c, target_angles, source_angles)
+      return jnp.sum(out.astype(jnp.float32))
+    return _cost_flops(jax.jit(jax.grad(f, argnums=(0, 1, 2, 3))).lower(
+        state, h, s, c).compile())
+
+  def sampler(self, solver: str, evaluations: int) -> tuple[Callable, float]:
+    generate = evaluate_lib.make_sampler(self.graphdef, solver, evaluations)
+    params = self.state["ema"]
+    start = time.perf_counter()
+    compiled = generate.lower(params, self.sample_source, self.sample_noise).compile()
+    compile_s = time.perf_counter() - start
+    # The state is donated by every train step: look the EMA up when the sampler runs.
+    return (lambda: compiled(self.state["ema"], self.sample_source,
+                             self.sample_noise).block_until_ready()), compile_s
+
+
+def _cost_flops(compiled) -> Optional[float]:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  return float(cost["flops"]) if cost and "flops" in cost else None
+
+
+# ----------------------------------------------------------------------------- input
+
+def input_pipeline(config, source_shape, target_shape, s) -> tuple[float, str]:
+  """samples/s of the tf.data reader that feeds training (streaming from TFRecords, not the
+  in-memory path small splits take), on config.data.dir or on a synthetic features dataset
+  of the configured shapes written to a temporary directory."""
+  names = [config.data.source or "source", config.data.target or "target"]
+  batch = config.train.batch_size
+  with tempfile.TemporaryDirectory(prefix="flowmap-bench-") as tmp:
+    data_dir = config.data.dir
+    if not data_dir:
+      data_dir = tmp
+      rng = np.random.default_rng(config.seed)
+      rows = max(int(s.input_examples), batch)
+      data_lib.write_dataset(
+          data_dir, {"train": ({"key": f"{i:06d}", "features": {
+              names[0]: rng.standard_normal(source_shape, np.float32),
+              names[1]: rng.standard_normal(target_shape, np.float32)}}
+              for i in range(rows))},
+          {names[0]: source_shape, names[1]: target_shape})
+    stats = data_lib.load_stats(data_dir)
+    normalizers = {n: data_lib.Normalizer.from_stats(stats, n, config.data.normalize)
+                   for n in names}
+    batches = data_lib.train_batches(
+        data_dir, "train", names, batch, normalizers=normalizers, seed=config.seed,
+        shuffle_buffer=int(s.input_shuffle_buffer), in_memory_bytes=0)
+    for _ in range(4):
+      next(batches)
+    start = time.perf_counter()
+    for _ in range(int(s.input_batches)):
+      next(batches)
+    rate = s.input_batches * batch / (time.perf_counter() - start)
+  return rate, config.data.dir or "synthetic TFRecords"
+
+
+# ----------------------------------------------------------------------------- the peer
+
+class LuminaPeer:
+  """diffusers' LuminaNextDiT2DModel at flowmap's size, trained and sampled the plain
+  PyTorch way (eager, AdamW, gradient clipping, EMA)."""
+
+  PRECISIONS = ("float32", "bf16_autocast")
+
+  def __init__(self, config, model_cfg: model_lib.ModelConfig, sample_batch: int):
+    from flowmap import encoders   # noqa: F401  (lets diffusers import torchvision)
+    import diffusers
+    import torch
+    from diffusers.models.embeddings import get_2d_rotary_pos_embed_lumina
+    self.torch = torch
+    (ns, ds), (nt, dt) = model_cfg.source_shape, model_cfg.target_shape
+    side = math.isqrt(nt)
+    if side * side != nt or nt == 1:
+      raise BenchmarkError(f"--peer lumina needs the target tokens on a square grid; got "
+                           f"{nt} tokens")
+    if model_cfg.kv_heads != model_cfg.heads:
+      raise BenchmarkError("--peer lumina is matched without grouped KV heads; set "
+                           "model.kv_heads to model.heads")
+    torch.manual_seed(config.seed)
+    self.model = diffusers.LuminaNextDiT2DModel(
+        sample_size=side, patch_size=1, in_channels=dt, hidden_size=model_cfg.dim,
+        num_layers=model_cfg.depth, num_attention_heads=model_cfg.heads,
+        num_kv_heads=model_cfg.kv_heads, multiple_of=64, learn_sigma=False, qk_norm=True,
+        cross_attention_dim=ds)
+    with torch.no_grad():
+      self.model.pad_token.zero_()   # allocated uninitialised, unused at one resolution
+    self.params = [p for p in self.model.parameters()]
+    self.ema = [p.detach().clone() for p in self.params]
+    t = config.train
+    self.optimizer = torch.optim.AdamW(self.params, lr=t.lr, betas=(0.9, t.b2), eps=1e-8,
+                                       weight_decay=t.weight_decay)
+    self.grad_clip, self.ema_decay = t.grad_clip, t.ema_decay
+    self.rope = get_2d_rotary_pos_embed_lumina(model_cfg.dim // model_cfg.heads, side, side)
+    self.side, self.dt = side, dt
+    b = config.train.batch_size
+    gen = torch.Generator().manual_seed(config.seed)
+    self.x1 = torch.randn(b, dt, side, side, generator=gen)
+    self.source = torch.randn(b, ns, ds, generator=gen)
+    self.mask = torch.ones(b, ns, dtype=torch.int32)
+    self.sample_source = torch.randn(sample_batch, ns, ds, generator=gen)
+    self.sample_mask = torch.ones(sample_batch, ns, dtype=torch.int32)
+    self.sample_noise = torch.randn(sample_batch, dt, side, side, generator=gen)
+    self.version = diffusers.__version__
+    self.num_params = sum(p.numel() for p in self.params)
+
+  def _autocast(self, precision: str):
+    return self.torch.autocast("cpu" if self.x1.device.type == "cpu" else "cuda",
+                               dtype=self.torch.bfloat16,
+                               enabled=precision == "bf16_autocast")
+
+  def _velocity(self, x, t, source, mask, precision):
+    with self._autocast(precision):
+      out = self.model(x, t, source, mask, self.rope, cross_attention_kwargs={},
+                       return_dict=False)[0]
+    return out.float()
+
+  def train_steps(self, n: int, precision: str) -> None:
+    torch = self.torch
+    self.model.train()
+    for _ in range(n):
+      b = self.x1.shape[0]
+      t = torch.sigmoid(torch.randn(b))
+      noise = torch.randn_like(self.x1)
+      tb = t[:, None, None, None]
+      xt = (1 - tb) * noise + tb * self.x1
+      pred = self._velocity(xt, t, self.source, self.mask, precision)
+      loss = torch.mean(torch.square(pred - (self.x1 - noise)))
+      self.optimizer.zero_grad(set_to_none=True)
+      loss.backward()
+      torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+      self.optimizer.step()
+      with torch.no_grad():
+        torch._foreach_lerp_(self.ema, self.params, 1.0 - self.ema_decay)
+      loss.item()
+
+  def euler(self, evaluations: int, precision: str) -> None:
+    torch = self.torch
+    self.model.eval()
+    x = self.sample_noise
+    b = x.shape[0]
+    with torch.inference_mode():
+      for i in range(evaluations):
+        t = torch.full((b,), i / evaluations)
+        x = x + self._velocity(x, t, self.sample_source, self.sample_mask,
+                               precision) / evaluations
+
+
+# ----------------------------------------------------------------------------- the run
+
+def run(config, peer: str = "") -> dict:
+  s = settings(config)
+  train_lib.validate_config(config)
+  source_shape, target_shape = feature_shapes(config)
+  try:
+    model_cfg = model_lib.config_from(config.model, source_shape, target_shape)
+  except ValueError as e:
+    raise BenchmarkError(str(e)) from None
+  batch = int(config.train.batch_size)
+  sample_batch = int(s.sample_batch or batch)
+  device, device_info = describe_device()
+  flops = model_lib.flops(model_cfg)
+  nt = target_shape[0]
+  result = {
+      "device": device, "device_info": device_info,
+      "model": {"dim": model_cfg.dim, "depth": model_cfg.depth, "heads": model_cfg.heads,
+                "kv_heads": model_cfg.kv_heads, "dtype": model_cfg.dtype,
+                "attention": model_cfg.attention, "remat": model_cfg.remat},
+      "batch": batch, "sample_batch": sample_batch,
+      "source_shape": list(source_shape), "target_shape": list(target_shape),
+  }
+  log = lambda msg: print(f"[benchmark] {msg}", file=sys.stderr, flush=True)
+
+  # -- flowmap: compile, warm up, the phase's memory
+  memory = HostMemory()
+  fm = Flowmap(config, model_cfg, sample_batch)
+  log(f"flowmap train step compiled in {fm.compile_s:.1f} s")
+  fm.run_steps(int(s.warmup_steps))
+  result["params"] = int(sum(x.size for x in jax.tree.leaves(fm.state["params"])))
+  result["peak_host_memory_mb"] = memory.peak_mb()
+  result["host_memory_increase_mb"] = memory.increase_mb()
+
+  # -- the peer: build and warm up each precision (eager PyTorch needs one step)
+  lumina = None
+  if peer == "lumina":
+    memory = HostMemory()
+    lumina = LuminaPeer(config, model_cfg, sample_batch)
+    warm = {}
+    for p in s.peer_precisions:
+      start = time.perf_counter()
+      lumina.train_steps(1, p)
+      warm[p] = time.perf_counter() - start
+      log(f"peer {p}: first train step {warm[p]:.1f} s")
+    peer_memory = memory.increase_mb()
+  elif peer:
+    raise BenchmarkError(f"unknown peer {peer!r}; the peer is 'lumina'")
+
+  # -- train: the matmul peak, flowmap, the peer, interleaved window by window
+  n = int(s.peak_matmul_size) or (2048 if device_info["platform"] == "cpu" else 8192)
+  peak = peak_matmul(model_cfg.compute_dtype, n)
+  steps = int(s.steps_per_window)
+  fm_train = Timed("flowmap train", lambda: fm.run_steps(steps), steps * batch)
+  contenders = [peak, fm_train]
+  peer_train = {}
+  for p in (s.peer_precisions if lumina else ()):
+    if warm[p] * steps > s.max_call_s:
+      log(f"peer {p}: a train window would take ~{warm[p] * steps:.0f} s; one step is timed")
+      peer_train[p] = Timed(f"peer {p} train", lambda p=p: lumina.train_steps(1, p), batch)
+    else:
+      peer_train[p] = Timed(f"peer {p} train", lambda p=p: lumina.train_steps(steps, p),
+                            steps * batch)
+    contenders.append(peer_train[p])
+  log("timing train windows: " + ", ".join(c.name for c in contenders))
+  round_robin(contenders, int(s.windows), s.budget_s)
+
+  train_rate = fm_train.rate()
+  peak_flops = peak.rate()
+  achieved = train_rate * flops["train"]
+  result.update({
+      "train_samples_per_s": train_rate,
+      "train_tokens_per_s": train_rate * nt,
+      "flops_per_step": flops["train"] * batch,
+      "flops_per_example": {k: float(v) for k, v in flops.items()},
+      "train_tflops": achieved / 1e12,
+      "peak_tflops": peak_flops / 1e12,
+      "peak_matmul": {"size": n, "dtype": model_cfg.dtype, "accumulation": "float32"},
+      "mfu": achieved / peak_flops,
+  })
+  sheet = datasheet_tflops(device_info["kind"], model_cfg.compute_dtype)
+  if sheet is not None and device_info["platform"] != "cpu":
+    result["datasheet_peak_tflops"] = sheet
+    result["mfu_datasheet"] = achieved / 1e12 / sheet
+  if fm.xla_flops_raw is not None:
+    block = fm.xla_block_flops()
+    xla = fm.xla_flops_raw + (model_cfg.depth - 1) * (block or 0.0)
+    result["xla_flops_per_step"] = xla
+    result["flops_check"] = xla / result["flops_per_step"]   # XLA / analytic
+  result["peak_device_memory_mb"] = device_peak_memory_mb()
+
+  # -- samplers: compile, then every solver and the peer's Euler loop, interleaved
+  compile_s = {"train_step": fm.compile_s, "train_step_cpu": fm.compile_cpu_s}
+  sampler_compile = {solver: {} for solver in s.solvers}
+  sample_rates = {solver: {} for solver in s.solvers}
+  peer_sample = {p: {} for p in (s.peer_precisions if lumina else ())}
+  skipped = []
+  per_eval = {}   # the peer's seconds per evaluation, to skip hopeless long loops
+  for evaluations in s.sample_evaluations:
+    e = str(evaluations)
+    flowmap_timed, peer_timed = {}, {}
+    for solver in s.solvers:
+      fn, sampler_compile[solver][e] = fm.sampler(solver, int(evaluations))
+      flowmap_timed[solver] = Timed(f"flowmap {solver} {e}", fn, sample_batch)
+    for p in peer_sample:
+      predicted = per_eval.get(p, 0.0) * evaluations
+      if predicted > s.max_call_s:
+        skipped.append(f"peer {p} euler {e}: ~{predicted:.0f} s per call, over "
+                       f"bench.max_call_s={s.max_call_s:g}")
+        log("skipping " + skipped[-1])
+        continue
+      peer_timed[p] = Timed(f"peer {p} euler {e}",
+                            lambda p=p, n=int(evaluations): lumina.euler(n, p), sample_batch)
+    contenders = [*flowmap_timed.values(), *peer_timed.values()]
+    log("timing samplers: " + ", ".join(c.name for c in contenders))
+    round_robin(contenders, int(s.sample_repeats), s.budget_s)
+    for solver, c in flowmap_timed.items():
+      sample_rates[solver][e] = c.rate()
+    for p, c in peer_timed.items():
+      peer_sample[p][e] = c.rate()
+      per_eval[p] = statistics.median(c.times) / evaluations
+  first = str(s.sample_evaluations[0])
+  compile_s["sampler"] = sampler_compile[s.solvers[0]][first]
+  result["compile_s"] = compile_s
+  result["sampler_compile_s"] = sampler_compile
+  result["sample_samples_per_s"] = sample_rates
+
+  # -- input pipeline, next to what the train step consumes
+  rate, source = input_pipeline(config, source_shape, target_shape, s)
+  result["input_samples_per_s"] = rate
+  result["input_dataset"] = source
+  result["input_over_train"] = rate / train_rate
+
+  if lumina is not None:
+    import torch
+    peer_result = {"name": "diffusers.LuminaNextDiT2DModel", "diffusers": lumina.version,
+                   "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+                   "params": lumina.num_params, "host_memory_increase_mb": peer_memory}
+    for p in s.peer_precisions:
+      r = peer_train[p].rate()
+      peer_result[p] = {"train_samples_per_s": r, "train_tokens_per_s": r * nt,
+                        "sample_samples_per_s": {"euler": peer_sample[p]}}
+    best_train = max(peer_result[p]["train_samples_per_s"] for p in s.peer_precisions)
+    best_sample = {}
+    for e in s.sample_evaluations:
+      rates = [peer_sample[p].get(str(e)) for p in s.peer_precisions]
+      rates = [r for r in rates if r is not None]
+      best_sample[str(e)] = max(rates) if rates else None
+    peer_result["best"] = {"train_samples_per_s": best_train,
+                           "sample_samples_per_s": {"euler": best_sample}}
+    result["peer"] = peer_result
+    result["ratio"] = {
+        "train_samples_per_s": train_rate / best_train,
+        "sample_samples_per_s": {solver: {
+            e: (r / best_sample[e] if best_sample.get(e) else None)
+            for e, r in sample_rates[solver].items()} for solver in s.solvers},
+        "note": "flowmap / the peer's better precision; samplers against the peer's Euler "
+                "loop at the same number of model evaluations",
+    }
+  if skipped:
+    result["skipped"] = skipped
+  return result
+
+
+# ----------------------------------------------------------------------------- report
+
+def table(r: dict) -> str:
+  f = lambda x, spec=".2f": "n/a" if x is None else format(x, spec)
+  m = r["model"]
+  lines = [
+      f"device           {r['device']}",
+      f"model            dim {m['dim']}, depth {m['depth']}, heads {m['heads']}, "
+      f"{m['dtype']}, {r['params'] / 1e6:.1f}M params; batch {r['batch']}, "
+      f"source {tuple(r['source_shape'])}, target {tuple(r['target_shape'])}",
+      f"train            {f(r['train_samples_per_s'])} samples/s, "
+      f"{f(r['train_tokens_per_s'], '.0f')} tokens/s, {f(r['train_tflops'], '.4f')} TFLOP/s",
+      f"MFU              {f(100 * r['mfu'], '.1f')}% of a measured matmul peak of "
+      f"{f(r['peak_tflops'], '.4f')} TFLOP/s"
+      + (f"; {f(100 * r['mfu_datasheet'], '.1f')}% of the datasheet's "
+         f"{r['datasheet_peak_tflops']}" if "mfu_datasheet" in r else ""),
+      f"FLOPs per step   {r['flops_per_step'] / 1e9:.1f} G analytic"
+      + (f", XLA / analytic {r['flops_check']:.3f}" if "flops_check" in r else ""),
+      f"compile          train step {f(r['compile_s']['train_step'], '.1f')} s "
+      f"({f(r['compile_s']['train_step_cpu'], '.1f')} s CPU), "
+      f"sampler {f(r['compile_s']['sampler'], '.1f')} s",
+  ]
+  for solver, rates in r["sample_samples_per_s"].items():
+    lines.append(f"sample {solver:<9} " + ", ".join(
+        f"{f(v)} samples/s at {e} evals" for e, v in rates.items()))
+  lines.append(f"input pipeline   {f(r['input_samples_per_s'], '.1f')} samples/s "
+               f"({f(r['input_over_train'], '.1f')}x the train step's consumption)")
+  lines.append(f"host memory      peak {f(r['peak_host_memory_mb'], '.0f')} MB"
+               + (f", device peak {f(r['peak_device_memory_mb'], '.0f')} MB"
+                  if r.get("peak_device_memory_mb") else ""))
+  if "peer" in r:
+    p = r["peer"]
+    for prec in (k for k in p if isinstance(p[k], dict) and "train_samples_per_s" in p[k]
+                 and k != "best"):
+      ps = p[prec]
+      lines.append(f"peer {prec:<11} train {f(ps['train_samples_per_s'])} samples/s; euler "
+                   + ", ".join(f"{f(v)} at {e}"
+                               for e, v in ps["sample_samples_per_s"]["euler"].items()))
+    ratio = r["ratio"]
+    lines.append(f"flowmap / peer   train {f(ratio['train_samples_per_s'])}x; "
+                 + "; ".join(f"{solver} " + ", ".join(f"{f(v)}x at {e}" for e, v in d.items())
+                             for solver, d in ratio["sample_samples_per_s"].items()))
+  return "\n".join(lines)
+
+
+def main(argv) -> None:
+  del argv
+  from absl import flags
+  FLAGS = flags.FLAGS
+  try:
+    result = run(FLAGS.config, FLAGS.peer)
+  except (BenchmarkError, train_lib.ConfigError, data_lib.DataError) as e:
+    print(f"flowmap.benchmark: error: {e}", file=sys.stderr)
+    sys.exit(2)
+  print(table(result), file=sys.stderr)
+  text = json.dumps(result, indent=1)
+  if FLAGS.out:
+    with open(FLAGS.out, "w") as f:
+      f.write(text + "\n")
+  print(text)
+
+
+def _define_flags() -> None:
+  from absl import flags
+  from ml_collections import config_flags
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  sys.path.insert(0, root)   # config files import `configs.default`
+  config_flags.DEFINE_config_file("config", os.path.join(root, "configs", "bench.py"),
+                                  "ml_collections config file.", lock_config=True)
+  flags.DEFINE_enum("peer", "", ["", "lumina"], "Also measure this PyTorch peer.")
+  flags.DEFINE_string("out", "", "Also write the JSON object to this file.")
+
+
+if __name__ == "__main__":
+  from absl import app
+  _define_flags()
+  app.run(main)

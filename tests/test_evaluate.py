@@ -1,0 +1,323 @@
+"""Evaluation: the samplers against diffrax, metrics and baselines on known answers, figures
+that do not depend on batching, --mode eval end to end, and the training-time monitoring."""
+
+import glob
+import json
+import os
+
+import diffrax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import run_main
+from flowmap import evaluate, flow, train
+
+SWEEP = (1, 2, 4, 8, 16, 32, 50)
+
+
+# ----------------------------------------------------------------------------- samplers
+
+def _curved_field(x, t):
+  """A nonlinear, time-dependent velocity field; t is a per-row vector as in flow.sample."""
+  a = jnp.linspace(-1.0, 1.0, x.shape[-1] ** 2).reshape(x.shape[-1], x.shape[-1])
+  return jnp.tanh(x @ a) * (1.0 + t[:, None]) + jnp.cos(3.0 * t)[:, None]
+
+
+def _diffrax_solve(velocity, x0, solver, steps=None, rtol=None):
+  term = diffrax.ODETerm(lambda t, y, args: velocity(y, jnp.full((y.shape[0],), t)))
+  if steps is not None:
+    controller = diffrax.StepTo(ts=jnp.linspace(0.0, 1.0, steps + 1))
+    dt0 = None
+  else:
+    controller = diffrax.PIDController(rtol=rtol, atol=rtol)
+    dt0 = 0.01
+  sol = diffrax.diffeqsolve(term, solver, t0=0.0, t1=1.0, dt0=dt0, y0=x0,
+                            stepsize_controller=controller, max_steps=100_000)
+  return sol.ys[-1]
+
+
+@pytest.mark.parametrize("steps", [1, 3, 8])
+def test_euler_and_heun_equal_diffrax_on_the_same_grid(steps):
+  x0 = jax.random.normal(jax.random.key(0), (3, 5))
+  for solver, reference in (("euler", diffrax.Euler()), ("heun", diffrax.Heun())):
+    ours = flow.sample(_curved_field, x0, steps, solver)
+    np.testing.assert_allclose(ours, _diffrax_solve(_curved_field, x0, reference, steps),
+                               atol=1e-5, err_msg=solver)
+
+
+def test_heun_approaches_tsit5_reference_at_second_order():
+  x0 = jax.random.normal(jax.random.key(1), (3, 5))
+  exact = _diffrax_solve(_curved_field, x0, diffrax.Tsit5(), rtol=1e-7)
+  err = {s: [float(jnp.abs(flow.sample(_curved_field, x0, n, s) - exact).max())
+             for n in (2, 4, 8, 16, 32, 64)] for s in flow.SOLVERS}
+  heun, euler = err["heun"], err["euler"]
+  assert all(3.5 < a / b < 4.5 for a, b in zip(heun, heun[1:])), heun     # second order
+  assert all(1.7 < a / b < 2.5 for a, b in zip(euler, euler[1:])), euler  # first order
+  assert heun[-1] < 2e-4 and heun[-1] < euler[-1] / 50
+
+
+@pytest.mark.parametrize("guidance,solvers", [(1.0, ("euler", "heun")), (2.5, ("heun",))])
+def test_model_sampler_integrates_the_model_ode_like_diffrax(small_run, guidance, solvers):
+  """The sampler Mapper and Evaluator use, with the trained model: its noise, time
+  direction and guidance give the ODE that diffrax integrates from the same noise."""
+  from flowmap import Mapper
+  m = Mapper.from_workdir(small_run["workdir"])
+  graphdef, params, shape = m.graphdef, m.params, m.target_shape
+  source = jax.random.normal(jax.random.key(3), (5, *m.source_shape))
+  rows = jnp.arange(10, 15)
+  velocity = evaluate.make_velocity(graphdef)
+
+  @jax.jit
+  def field(x, t):
+    keep = jnp.zeros((x.shape[0],), bool)
+    cond = velocity(params, x, t, source, keep)
+    if guidance == 1.0:
+      return cond
+    uncond = velocity(params, x, t, source, ~keep)
+    return uncond + guidance * (cond - uncond)
+
+  x0 = evaluate.noise_for_rows(11, rows, shape)
+  for solver in solvers:
+    ours = evaluate.make_row_sampler(graphdef, shape, solver, 8, guidance)(
+        params, source, rows, 11)
+    reference = {"euler": diffrax.Euler(), "heun": diffrax.Heun()}[solver]
+    steps = flow.steps_for_evaluations(solver, 8)
+    np.testing.assert_allclose(ours, _diffrax_solve(field, x0, reference, steps),
+                               atol=1e-4, rtol=1e-4, err_msg=solver)
+
+
+def test_row_noise_depends_only_on_seed_and_row():
+  a = evaluate.row_noise(5, 0, 8, (2, 3))
+  b = evaluate.row_noise(5, 3, 2, (2, 3))
+  np.testing.assert_array_equal(a[3:5], b)
+  assert not np.allclose(evaluate.row_noise(6, 0, 8, (2, 3)), a)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def test_metrics_on_known_answers():
+  rng = np.random.default_rng(0)
+  true = rng.normal(size=(6, 4, 3))
+  same = evaluate.score(true, true)
+  assert same["cosine_token"] == pytest.approx(1.0)
+  assert same["cosine_global"] == pytest.approx(1.0)
+  assert same["mse"] == pytest.approx(0.0)
+  assert same["recall_at_1"] == 1.0
+  flipped = evaluate.score(-true, true)
+  assert flipped["cosine_token"] == pytest.approx(-1.0)
+  assert flipped["mse"] == pytest.approx(4 * np.mean(true ** 2))
+  constant = evaluate.score(np.broadcast_to(true[0], true.shape), true)
+  assert constant["recall_at_1"] == pytest.approx(1 / 6)
+
+
+def test_metrics_do_not_depend_on_batching():
+  rng = np.random.default_rng(1)
+  gen, true = rng.normal(size=(2, 23, 5, 4))
+  whole = evaluate.score(gen, true)
+  m = evaluate.Metrics()
+  for i in range(0, 23, 5):
+    m.add(gen[i:i + 5], true[i:i + 5])
+  for k, v in m.result().items():
+    assert v == pytest.approx(whole[k], abs=1e-12), k
+
+
+# ----------------------------------------------------------------------------- baselines
+
+def _batches(source, target, size=37):
+  for i in range(0, len(source), size):
+    yield source[i:i + size], target[i:i + size]
+
+
+def test_ridge_per_token_recovers_a_linear_map():
+  rng = np.random.default_rng(0)
+  w, b = rng.normal(size=(6, 4)), rng.normal(size=4)
+  source = rng.normal(size=(300, 9, 6)) + 2.0
+  target = source @ w + b + 0.01 * rng.normal(size=(300, 9, 4))
+  fitted = evaluate.fit_baselines(_batches(source, target), (9, 6), (9, 4))
+  assert fitted.kind == "per_token" and fitted.rows == 300
+  np.testing.assert_allclose(fitted.coef[:-1], w, atol=0.01)
+  np.testing.assert_allclose(fitted.coef[-1], b, atol=0.02)
+  np.testing.assert_allclose(fitted.mean_target, target.mean(0), atol=1e-12)
+  test_source = rng.normal(size=(20, 9, 6))
+  figures = evaluate.baseline_metrics(fitted, test_source, test_source @ w + b)
+  assert figures["baseline/ridge_cosine_token"] > 0.999
+  assert figures["baseline/mean_cosine_token"] < 0.9
+
+
+def test_ridge_is_pooled_when_token_counts_differ():
+  """16 source tokens, 4 target tokens: the pooled source predicts the pooled target, and
+  each position adds its mean offset."""
+  rng = np.random.default_rng(1)
+  w = rng.normal(size=(6, 4))
+  offsets = rng.normal(size=(4, 4))
+  source = rng.normal(size=(400, 16, 6))
+  target = (source.mean(1) @ w)[:, None, :] + offsets
+  fitted = evaluate.fit_baselines(_batches(source, target), (16, 6), (4, 4))
+  assert fitted.kind == "pooled"
+  new = rng.normal(size=(10, 16, 6))
+  np.testing.assert_allclose(fitted.ridge(new), (new.mean(1) @ w)[:, None] + offsets,
+                             atol=1e-3)
+
+
+def test_ridge_statistics_give_the_direct_error_and_penalty_choice():
+  rng = np.random.default_rng(2)
+  x, y = rng.normal(size=(50, 3)), rng.normal(size=(50, 2))
+  stats = evaluate.RidgeStats(3, 2)
+  stats.add(x[:20], y[:20])
+  stats.add(x[20:], y[20:])
+  coef = stats.solve(0.1)
+  direct = np.sum((x @ coef[:-1] + coef[-1] - y) ** 2)
+  assert stats.sse(coef) == pytest.approx(direct, rel=1e-9)
+  lstsq = np.linalg.lstsq(np.c_[x, np.ones(50)], y, rcond=None)[0]
+  np.testing.assert_allclose(stats.solve(1e-12), lstsq, atol=1e-8)
+
+
+def test_sweep_table_and_plot_show_every_solver_and_guidance(tmp_path):
+  sweep = [{"weights": w, "solver": s, "evaluations": n, "guidance": g, "model_passes": n,
+            "cosine_token": 0.5 + n / 100 + (w == "ema") / 10, "cosine_global": 0.9,
+            "mse": 0.1, "recall_at_1": 1.0}
+           for w in ("ema", "raw") for s in ("euler", "heun") for n in SWEEP
+           for g in (1.0, 2.0) if not (s == "heun" and n % 2)]
+  baseline = {"baseline/ridge_cosine_token": 0.6, "baseline/mean_cosine_token": 0.3,
+              "baseline/ridge_cosine_global": 0.7, "baseline/mean_cosine_global": 0.5}
+  record = {"sweep": sweep, "num_images": 10, "solver": "heun", "evaluations": 8,
+            "guidance": 1.0, "ridge_kind": "pooled", **baseline,
+            **{f"eval/{k}": 0.5 for k in (*evaluate.METRICS, "velocity_cosine")}}
+  table = evaluate.format_table(7, record)
+  assert "euler g=2 ema/raw" in table and "heun ema/raw" in table
+  assert "0.6100/0.5100" in table                  # euler, 1 evaluation: ema / raw
+  heun_row_1 = table.splitlines()[2]
+  assert heun_row_1.split()[0] == "1" and heun_row_1.count("-") == 2   # no 1-step Heun
+  assert "ridge (pooled) 0.6000" in table
+  path = evaluate.plot_sweep(str(tmp_path), 7, sweep, baseline)
+  assert path.endswith("sweep_7.png") and os.path.getsize(path) > 10_000
+  assert os.path.exists(tmp_path / "plots" / "sweep.png")
+
+
+# ----------------------------------------------------------------------------- with a run
+
+def test_evaluator_figures_do_not_depend_on_batch_size(small_run):
+  run = evaluate.restore_run(small_run["config"], small_run["workdir"])
+  assert int(run.state["step"]) == 400
+  reference = evaluate.make_evaluator(run)
+  figures = []
+  for batch_size in (64, 7):
+    ev = evaluate.Evaluator(run.graphdef, run.mesh, reference.source, reference.target_raw,
+                            run.normalizers["target"], batch_size, seed=reference.seed)
+    figures.append({**ev.evaluate(run.state["ema"], "euler", 4),
+                    "velocity_cosine": ev.velocity_cosine(run.state["ema"])})
+  for other in figures[1:]:
+    for k, v in figures[0].items():
+      assert other[k] == pytest.approx(v, abs=2e-6), k
+
+
+def test_eval_mode_reports_sweep_baselines_json_and_plots(small_run):
+  """main.py --mode eval on the newest checkpoint: a table on stdout, every figure in
+  eval/<step>.json, the sweep plot; and on this run flowmap beats the ridge baseline."""
+  workdir = small_run["workdir"]
+  result = run_main(["--config", small_run["config_file"], "--workdir", workdir,
+                     "--mode", "eval"])
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = result.stdout
+  for text in ("evals", "euler ema/raw", "heun ema/raw", "baselines: ridge (per_token)",
+               "eval/400.json", "cosine_token="):
+    assert text in out, out
+  with open(os.path.join(workdir, "eval", "400.json")) as f:
+    record = json.load(f)
+  sweep = record["sweep"]
+  assert {(r["weights"], r["solver"], r["evaluations"]) for r in sweep} == {
+      (w, s, n) for w in ("ema", "raw") for s in ("euler", "heun") for n in SWEEP
+      if not (s == "heun" and n % 2)}
+  for row in sweep:
+    assert set(row) >= {"cosine_token", "cosine_global", "mse", "recall_at_1", "guidance",
+                        "model_passes"}
+  for key in ("eval/cosine_token", "eval/raw_cosine_token", "eval/velocity_cosine",
+              "eval/raw_velocity_cosine", "baseline/ridge_cosine_token",
+              "baseline/ridge_recall_at_1", "baseline/mean_cosine_token", "baseline/mean_mse"):
+    assert key in record, key
+  assert record["ridge_kind"] == "per_token" and record["baseline_train_rows"] == 1024
+  # The configured solver (heun, 8 evaluations) is one point of the sweep.
+  heun8 = next(r for r in sweep if (r["weights"], r["solver"], r["evaluations"]) ==
+               ("ema", "heun", 8))
+  assert heun8["cosine_token"] == pytest.approx(record["eval/cosine_token"], abs=1e-9)
+  # The periodic evaluation at step 400 sampled the same rows with the same noise.
+  assert record["eval/cosine_token"] == pytest.approx(
+      small_run["results"]["eval/cosine_token"], abs=1e-6)
+  assert record["eval/cosine_token"] > record["baseline/ridge_cosine_token"] + 0.01
+  assert record["baseline/ridge_cosine_token"] > record["baseline/mean_cosine_token"]
+  # Both solvers converge to the same ODE solution as evaluations grow.
+  final = {r["solver"]: r["cosine_token"] for r in sweep
+           if r["weights"] == "ema" and r["evaluations"] == 50}
+  assert abs(final["euler"] - final["heun"]) < 0.01, final
+  for name in ("sweep.png", "sweep_400.png", "training.png"):
+    assert os.path.getsize(os.path.join(workdir, "plots", name)) > 10_000, name
+
+
+def test_eval_mode_refuses_missing_checkpoints_and_foreign_configs(small_run, tmp_path):
+  config = small_run["config"]
+  with pytest.raises(train.ConfigError, match="no checkpoints"):
+    evaluate.evaluate_workdir(config, str(tmp_path))
+  other = config.copy_and_resolve_references()
+  other.model.dim = 32
+  with pytest.raises(train.ConfigError, match="config.model.dim is 32 but .* was trained "
+                                              "with 64"):
+    evaluate.evaluate_workdir(other, small_run["workdir"])
+
+
+def test_baseline_is_cached_per_run(small_run):
+  record = evaluate.read_baseline(small_run["workdir"])
+  assert record["key"]["train_rows"] == 1024 and record["key"]["held_out_rows"] == 64
+  assert record["ridge_kind"] == "per_token"
+  run = evaluate.restore_run(small_run["config"], small_run["workdir"])
+  source, target, split = evaluate.held_out_raw(run)
+  path = os.path.join(small_run["workdir"], "baseline.json")
+  before = os.path.getmtime(path)
+  assert evaluate.run_baselines(run, source, target, split) == record["metrics"]
+  assert os.path.getmtime(path) == before   # read from the cache, not refitted
+
+
+# ----------------------------------------------------------------------------- monitoring
+
+def test_training_logs_monitoring_every_log_every_steps(small_run):
+  rows = evaluate.read_metrics(small_run["workdir"])
+  train_rows = [r for r in rows if "train/loss" in r]
+  assert [r["step"] for r in train_rows] == list(range(50, 401, 50))
+  keys = ["train/grad_norm", "train/grad_norm_block00", "train/grad_norm_block01",
+          "train/param_norm", "train/update_ratio", "train/velocity_cosine", "train/lr",
+          "train/loss_t00_25", "train/loss_t25_50", "train/loss_t50_75", "train/loss_t75_100",
+          "perf/steps_per_s"]
+  for r in train_rows:
+    for k in keys:
+      assert k in r and np.isfinite(r[k]), (r["step"], k)
+    assert 0 < r["train/update_ratio"] < 1
+  assert train_rows[-1]["train/velocity_cosine"] > train_rows[0]["train/velocity_cosine"]
+  # Near t = 1 the velocity needs the noise, which x_t has almost forgotten: the buckets
+  # tell the times apart.
+  last = train_rows[-1]
+  assert last["train/loss_t75_100"] > 2 * last["train/loss_t00_25"]
+  evals = [r for r in rows if "eval/cosine_token" in r]
+  assert [r["step"] for r in evals] == [200, 400]
+  for r in evals:
+    for k in ("baseline/ridge_cosine_token", "baseline/mean_cosine_token",
+              "eval/velocity_cosine", "eval/raw_cosine_token"):
+      assert k in r, k
+  with open(os.path.join(small_run["workdir"], "eval", "200.json")) as f:
+    assert "baseline/ridge_mse" in json.load(f)
+
+
+def test_wandb_logs_offline_when_configured(small_run):
+  """The run logged to W&B (config.wandb.project) in offline mode: one run directory whose
+  record file holds every logging event's keys (8 training logs, 2 evaluations)."""
+  runs = glob.glob(os.path.join(small_run["workdir"], "wandb", "offline-run-*"))
+  assert len(runs) == 1, os.listdir(small_run["workdir"])
+  records = glob.glob(os.path.join(runs[0], "run-*.wandb"))
+  assert len(records) == 1
+  with open(records[0], "rb") as f:
+    raw = f.read()
+  assert b"flowmap-tests" in raw
+  for key, events in (("train/loss_t75_100", 8), ("train/grad_norm_block01", 8),
+                      ("train/update_ratio", 8), ("eval/cosine_token", 2),
+                      ("baseline/ridge_cosine_token", 2)):
+    assert raw.count(key.encode()) >= events, key
