@@ -50,7 +50,7 @@ def parse_flags(argv):
 def main(argv):
   del argv
   if not FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)   # orbax and tfds are chatty at INFO
+    logging.set_verbosity(logging.ERROR)   # orbax and tfds are chatty below ERROR
   from flowmap import sharding
   sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                   FLAGS.process_id)

@@ -88,15 +88,15 @@ def test_damaged_newest_checkpoint_is_skipped_for_the_previous_one(tmp_path, dem
 
 
 def poison(monkeypatch, bad_steps):
-  """Feeds NaN into the batches of the given (0-based) steps."""
-  real = data_lib.iterate_numpy
+  """Feeds NaN into the training batches of the given (0-based) steps."""
+  real = data_lib.train_batches
 
-  def iterate(ds):
-    for i, batch in enumerate(real(ds)):
+  def batches(*args, start_step=0, **kwargs):
+    for i, batch in enumerate(real(*args, start_step=start_step, **kwargs), start_step):
       if i in bad_steps:
         batch = {k: np.full_like(v, np.nan) for k, v in batch.items()}
       yield batch
-  monkeypatch.setattr(data_lib, "iterate_numpy", iterate)
+  monkeypatch.setattr(data_lib, "train_batches", batches)
 
 
 def test_nan_stops_training_naming_the_step_and_keeps_the_last_checkpoint(
