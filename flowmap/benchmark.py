@@ -53,7 +53,7 @@ DEFAULTS = {
     "sample_evaluations": (8, 50),
     "solvers": ("euler", "heun"),
     "sample_repeats": 3,
-    "budget_s": 120.0,          # a contender stops repeating after this much timed work
+    "budget_s": 240.0,          # a contender stops repeating after this much timed work
     "max_call_s": 600.0,        # a call predicted to take longer than this is skipped
     "peak_matmul_size": 0,      # 0: 2048 on CPUs, 8192 on accelerators
     "input_examples": 128,      # rows of the synthetic dataset written when data.dir is empty
@@ -482,6 +482,7 @@ def run(config, peer: str = "") -> dict:
     contenders.append(peer_train[p])
   log("timing train windows: " + ", ".join(c.name for c in contenders))
   round_robin(contenders, int(s.windows), s.budget_s)
+  repetitions = {c.name: len(c.times) for c in contenders}
 
   train_rate = fm_train.rate()
   peak_flops = peak.rate()
@@ -513,7 +514,9 @@ def run(config, peer: str = "") -> dict:
   sample_rates = {solver: {} for solver in s.solvers}
   peer_sample = {p: {} for p in (s.peer_precisions if lumina else ())}
   skipped = []
-  per_eval = {}   # the peer's seconds per evaluation, to skip hopeless long loops
+  # The peer's seconds per evaluation, to skip hopeless long loops: first guessed as a third
+  # of a train step (forward only), then measured.
+  per_eval = {p: warm[p] / 3 * sample_batch / batch for p in peer_sample}
   for evaluations in s.sample_evaluations:
     e = str(evaluations)
     flowmap_timed, peer_timed = {}, {}
@@ -532,6 +535,7 @@ def run(config, peer: str = "") -> dict:
     contenders = [*flowmap_timed.values(), *peer_timed.values()]
     log("timing samplers: " + ", ".join(c.name for c in contenders))
     round_robin(contenders, int(s.sample_repeats), s.budget_s)
+    repetitions.update({c.name: len(c.times) for c in contenders})
     for solver, c in flowmap_timed.items():
       sample_rates[solver][e] = c.rate()
     for p, c in peer_timed.items():
@@ -575,6 +579,7 @@ def run(config, peer: str = "") -> dict:
         "note": "flowmap / the peer's better precision; samplers against the peer's Euler "
                 "loop at the same number of model evaluations",
     }
+  result["repetitions"] = repetitions
   if skipped:
     result["skipped"] = skipped
   return result

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
-from conftest import ROOT, tiny_config
+from conftest import ROOT
 from flowmap import checkpoint as checkpoint_lib
 from flowmap import evaluate as evaluate_lib
 from flowmap import model as model_lib
@@ -148,8 +148,8 @@ def test_bf16_compute_keeps_state_loss_and_norms_in_f32():
 
 @pytest.mark.slow
 def test_bf16_trains_the_demo_to_within_001_of_float32_held_out_cosine(tmp_path):
-  """The demo (model, data, lr) shortened to 120 steps and a smaller held-out set; the full
-  demo was compared by hand (see docs/scale.md)."""
+  """The demo (model, batch, lr) shortened to 120 steps, on a smaller dataset and held-out
+  set; the full demo was compared by hand (bf16 and float32 agreed to within 0.001)."""
   from configs import demo
   results = {}
   for dtype in ("float32", "bfloat16"):
@@ -164,7 +164,7 @@ def test_bf16_trains_the_demo_to_within_001_of_float32_held_out_cosine(tmp_path)
     c.eval.num_images = 256
     results[dtype] = train.train_and_evaluate(c, str(tmp_path / dtype))
   f32, bf16 = (results[d]["eval/cosine_token"] for d in ("float32", "bfloat16"))
-  assert f32 > results["float32"]["baseline/mean_cosine_token"] + 0.1   # it has learned
+  assert f32 > results["float32"]["baseline/mean_cosine_token"] + 0.15   # it has learned
   assert abs(bf16 - f32) < 0.01, (bf16, f32)
 
 
