@@ -39,6 +39,8 @@ def get_config():
   c.model.remat = "none"        # none | full | dots | dots_no_batch
   c.model.aligned_conditioning = False  # add the source token at the same grid position
   c.model.attention = "xla"     # xla (jax.nn.dot_product_attention) | einsum
+  c.model.scan_unroll = 1       # blocks per scan iteration: 1 compiles one block (fastest
+                                # compile); more cut the loop's slicing copies
 
   c.flow = ml_collections.ConfigDict()
   c.flow.time_sampling = "logit_normal"  # uniform | logit_normal | shifted

@@ -54,6 +54,7 @@ class ModelConfig:
   aligned_conditioning: bool = False
   rope_theta: float = 10000.0
   attention: str = "xla"          # "xla": jax.nn.dot_product_attention; "einsum": explicit
+  scan_unroll: int = 1            # blocks per scan iteration (1: one compiled block)
 
   @property
   def cond_dim(self) -> int:
@@ -81,7 +82,8 @@ def config_from(model_cfg, source_shape, target_shape) -> ModelConfig:
       depth=depth, heads=heads, kv_heads=kv_heads, mlp_ratio=model_cfg.get("mlp_ratio", 4.0),
       dtype=model_cfg.dtype, remat=model_cfg.remat,
       aligned_conditioning=bool(model_cfg.aligned_conditioning),
-      attention=model_cfg.get("attention", "xla"))
+      attention=model_cfg.get("attention", "xla"),
+      scan_unroll=max(1, min(int(model_cfg.get("scan_unroll", 1)), depth)))
 
 
 # ----------------------------------------------------------------------------- layers
@@ -332,7 +334,7 @@ class NextDiT(nnx.Module):
       return nnx.merge(block_def, state)(h, s, c, target_angles, source_angles), None
     if cfg.remat != "none":
       body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat])
-    h, _ = jax.lax.scan(body, h, block_state)
+    h, _ = jax.lax.scan(body, h, block_state, unroll=cfg.scan_unroll)
 
     scale = self.final_modulation(jax.nn.silu(c))[:, None, :]
     out = self.final(layer_norm(h) * (1 + scale))

@@ -168,3 +168,103 @@ def test_limits_beyond_the_split_mean_the_whole_split(demo_data):
   size = data_lib.split_size(demo_data, "validation")
   feats = data_lib.load_features(demo_data, "validation", limit=size * 10)
   assert len(feats["key"]) == size
+
+
+# ----------------------------------------------------------------------------- kill -9
+
+KILL_STEPS, KILL_CHECKPOINT_EVERY = 60, 10
+
+
+def kill_args(workdir, demo_data):
+  return ["--workdir", str(workdir), f"--config.data.dir={demo_data}",
+          "--config.model.dim=64", "--config.model.depth=2", "--config.train.batch_size=16",
+          f"--config.train.steps={KILL_STEPS}",
+          f"--config.train.checkpoint_every={KILL_CHECKPOINT_EVERY}",
+          "--config.train.keep_checkpoints=2", "--config.train.eval_every=100000",
+          "--config.train.log_every=1", "--config.eval.num_images=32"]
+
+
+def logged_steps(workdir):
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:   # the last line may be half written when we look
+    return [json.loads(l)["step"] for l in f if l.endswith("\n") and '"train/loss"' in l]
+
+
+def saves_in_flight(workdir):
+  d = os.path.join(workdir, "checkpoints")
+  return [n for n in os.listdir(d) if "tmp" in n] if os.path.isdir(d) else []
+
+
+def run_until_killed(workdir, demo_data, when, log):
+  """Starts training, SIGKILLs it the moment ``when(progress)`` holds; returns the newest
+  committed checkpoint at the kill and the last logged step."""
+  with open(log, "a") as err:
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py"),
+                             *kill_args(workdir, demo_data)],
+                            cwd=ROOT, stdout=err, stderr=err)
+  deadline = time.time() + 300
+  try:
+    while time.time() < deadline:
+      assert proc.poll() is None, f"training ended before its kill point: {open(log).read()}"
+      progress = {"logged": max(logged_steps(workdir), default=0),
+                  "committed": max(checkpoint_steps(workdir), default=0),
+                  "saving": bool(saves_in_flight(workdir))}
+      if when(progress):
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        return progress
+      time.sleep(0.002)
+    pytest.fail("the kill point was not reached in 300 s")
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+
+
+def final_state(workdir):
+  import orbax.checkpoint as ocp
+  with ocp.StandardCheckpointer() as ckptr:
+    state = ckptr.restore(os.path.join(workdir, "checkpoints", str(KILL_STEPS), "default"))
+  return state
+
+
+@pytest.mark.slow
+def test_kill_9_at_three_points_then_resume_equals_the_uninterrupted_run(tmp_path, demo_data):
+  import jax
+  reference = tmp_path / "reference"
+  result = run_main(kill_args(reference, demo_data))
+  assert result.returncode == 0, result.stderr[-2000:]
+
+  workdir, log = tmp_path / "killed", tmp_path / "killed.log"
+  kills = [
+      # 1. under way, before the first checkpoint: the resumed run starts from scratch
+      run_until_killed(workdir, demo_data, lambda p: p["logged"] >= 3, log),
+      # 2. while a checkpoint is being written (orbax writes it under a temporary name)
+      run_until_killed(workdir, demo_data, lambda p: p["saving"] and p["logged"] >= 10, log),
+      # 3. between checkpoints, steps past the newest one
+      run_until_killed(workdir, demo_data,
+                       lambda p: p["committed"] >= 20 and p["logged"] >= p["committed"] + 4,
+                       log),
+  ]
+  assert kills[0]["committed"] == 0
+  assert kills[1]["saving"] and kills[2]["logged"] > kills[2]["committed"] >= 20
+  assert len({(k["committed"], k["logged"]) for k in kills}) == 3
+  assert not checkpoint_steps(workdir) or max(checkpoint_steps(workdir)) < KILL_STEPS
+
+  result = run_main(kill_args(workdir, demo_data))   # the same command until done
+  assert result.returncode == 0, result.stderr[-2000:]
+  resumed = int(result.stdout.split("resuming from step ")[1].split()[0])
+  assert resumed >= kills[2]["committed"]   # from the newest checkpoint the kill left
+  # every step was trained: the last run logged from its resume point to the end
+  assert logged_steps(workdir)[-1] == KILL_STEPS
+
+  want, got = final_state(reference), final_state(workdir)
+  paths_want = jax.tree_util.tree_flatten_with_path(want)[0]
+  paths_got = jax.tree_util.tree_flatten_with_path(got)[0]
+  assert [p for p, _ in paths_want] == [p for p, _ in paths_got]
+  assert int(want["step"]) == int(got["step"]) == KILL_STEPS
+  for (path, a), (_, b) in zip(paths_want, paths_got):   # params, optimizer state and EMA
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b),
+                                  err_msg=jax.tree_util.keystr(path))
