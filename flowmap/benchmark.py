@@ -404,6 +404,21 @@ class LuminaPeer:
         torch._foreach_lerp_(self.ema, self.params, 1.0 - self.ema_decay)
       loss.item()
 
+  def flops_per_example(self) -> dict:
+    """The peer's matmul and attention FLOPs per example, counted by PyTorch's FlopCounterMode
+    over one forward and one forward-and-backward pass (float32)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    torch, b = self.torch, self.x1.shape[0]
+    t = torch.full((b,), 0.5)
+    with FlopCounterMode(display=False) as counter:
+      with torch.no_grad():
+        self._velocity(self.x1, t, self.source, self.mask, "float32")
+    forward = counter.get_total_flops() / b
+    with FlopCounterMode(display=False) as counter:
+      self._velocity(self.x1, t, self.source, self.mask, "float32").sum().backward()
+    self.optimizer.zero_grad(set_to_none=True)
+    return {"forward": forward, "train": counter.get_total_flops() / b}
+
   def euler(self, evaluations: int, precision: str) -> None:
     torch = self.torch
     self.model.eval()
@@ -557,10 +572,12 @@ def run(config, peer: str = "") -> dict:
     import torch
     peer_result = {"name": "diffusers.LuminaNextDiT2DModel", "diffusers": lumina.version,
                    "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-                   "params": lumina.num_params, "host_memory_increase_mb": peer_memory}
+                   "params": lumina.num_params, "host_memory_increase_mb": peer_memory,
+                   "flops_per_example": lumina.flops_per_example()}
     for p in s.peer_precisions:
       r = peer_train[p].rate()
       peer_result[p] = {"train_samples_per_s": r, "train_tokens_per_s": r * nt,
+                        "train_tflops": r * peer_result["flops_per_example"]["train"] / 1e12,
                         "sample_samples_per_s": {"euler": peer_sample[p]}}
     best_train = max(peer_result[p]["train_samples_per_s"] for p in s.peer_precisions)
     best_sample = {}
@@ -620,7 +637,8 @@ def table(r: dict) -> str:
     for prec in (k for k in p if isinstance(p[k], dict) and "train_samples_per_s" in p[k]
                  and k != "best"):
       ps = p[prec]
-      lines.append(f"peer {prec:<11} train {f(ps['train_samples_per_s'])} samples/s; euler "
+      lines.append(f"peer {prec:<11} train {f(ps['train_samples_per_s'])} samples/s "
+                   f"({f(ps['train_tflops'], '.4f')} TFLOP/s); euler "
                    + ", ".join(f"{f(v)} at {e}"
                                for e, v in ps["sample_samples_per_s"]["euler"].items()))
     ratio = r["ratio"]

@@ -122,3 +122,6 @@ def test_peer_trains_and_samples_at_the_matched_size():
   assert any(not np.allclose(a.numpy(), b.detach().numpy())
              for a, b in zip(before, peer.params))
   peer.euler(2, "bf16_autocast")
+  flops = peer.flops_per_example()   # counted by PyTorch, next to flowmap's analytic count
+  assert 2.5 * flops["forward"] < flops["train"] < 3.5 * flops["forward"]
+  assert 0.5 < flops["forward"] / M.flops(model_cfg)["forward"] < 3.0
