@@ -46,11 +46,24 @@ def _part_path(out_dir: str, split: str, index: int, num_shards: int) -> str:
 def _write_json_atomic(path: str, obj) -> None:
   # A temporary name of its own: workers that finish together may finalize at once.
   tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  try:
+    with open(tmp, "w") as f:
+      json.dump(obj, f, indent=1)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):   # a failed write leaves neither a temporary file nor a half file
+      os.remove(tmp)
+    raise
+
+
+def _fsync_file(path: str) -> None:
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
 
 
 def features_spec(feature_shapes: Mapping[str, Sequence[int]], dtype: str = "float16"):
@@ -154,7 +167,8 @@ class ShardWriter:
     part = {"split": self.split, "index": self.index, "num_shards": self.num_shards,
             "count": self.count, "num_bytes": os.path.getsize(self.tmp_path),
             "moments": {k: m.to_json() for k, m in self.moments.items()}}
-    os.replace(self.tmp_path, self.path)
+    _fsync_file(self.tmp_path)   # on disk before its final name appears (a crash after the
+    os.replace(self.tmp_path, self.path)   # rename never leaves a named, truncated shard)
     _write_json_atomic(_part_path(self.out_dir, self.split, self.index, self.num_shards), part)
     return self.count
 

@@ -109,3 +109,33 @@ def test_streaming_resume_replays_the_epoch(demo_data):
 def test_too_small_split_is_a_clear_error(demo_data):
   with pytest.raises(data_lib.DataError, match="fewer than one batch"):
     next(data_lib.train_batches(demo_data, "validation", ["source_enc"], 1024))
+
+
+def test_failed_json_write_leaves_no_temporary_and_keeps_the_old_file(tmp_path):
+  path = str(tmp_path / "stats.json")
+  data_lib._write_json_atomic(path, {"a": 1})
+  with pytest.raises(TypeError):
+    data_lib._write_json_atomic(path, {"a": 2, "b": object()})   # fails half way through
+  assert os.listdir(tmp_path) == ["stats.json"]
+  with open(path) as f:
+    assert json.load(f) == {"a": 1}
+
+
+def test_a_shard_is_on_disk_before_it_gets_its_final_name(tmp_path, monkeypatch):
+  events = []
+  real_fsync, real_replace = os.fsync, os.replace
+
+  def fsync(fd):
+    events.append(("fsync", os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))))
+    return real_fsync(fd)
+
+  def replace(src, dst):
+    events.append(("replace", os.path.basename(src)))
+    return real_replace(src, dst)
+  monkeypatch.setattr(os, "fsync", fsync)
+  monkeypatch.setattr(os, "replace", replace)
+  w = data_lib.ShardWriter(str(tmp_path), "train", 0, 1, {"a": (2, 3)})
+  w.add("k0", "", {"a": np.zeros((2, 3), np.float32)})
+  w.commit()
+  tmp_name = os.path.basename(w.tmp_path)
+  assert events.index(("fsync", tmp_name)) < events.index(("replace", tmp_name))
