@@ -386,9 +386,10 @@ class Run:
   normalizers: dict
   graphdef: Any
   tx: Any
-  state: Any
+  state: Any              # setup: shapes and shardings only (jax.ShapeDtypeStruct)
   state_shardings: Any
   checkpointer: checkpoint_lib.Checkpointer
+  init: Any = None        # builds a fresh state; called only when there is nothing to resume
 
   @property
   def is_main(self) -> bool:
@@ -432,7 +433,12 @@ def setup(config, workdir: str) -> Run:
   try:
     model_cfg = model_lib.config_from(config.model, source_shape, target_shape)
     tx = make_optimizer(config)
-    graphdef, state, shardings = create_state(model_cfg, tx, config.seed, mesh)
+    # Shapes only: a resumed run restores straight into its shardings, so the state is never
+    # held twice; a new run creates it in train_and_evaluate.
+    graphdef, init, shapes = abstract_state(model_cfg, tx, config.seed)
+    shardings = sharding.state_shardings(shapes, mesh)
+    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                         shapes, shardings)
   except ValueError as e:
     raise ConfigError(str(e)) from None
   normalizers = {
@@ -451,7 +457,7 @@ def setup(config, workdir: str) -> Run:
     with open(os.path.join(workdir, "normalization.json"), "w") as f:
       json.dump(run_info, f)
   return Run(config, workdir, mesh, data_dir, stats, model_cfg, normalizers, graphdef, tx,
-             state, shardings, checkpointer)
+             state, shardings, checkpointer, init)
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -462,13 +468,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
   mesh = run.mesh
 
   # -- checkpoint: resume where the workdir left off
-  state = run.state
-  restored_step, restored = run.checkpointer.restore_latest_valid(state)
+  restored_step, state = run.checkpointer.restore_latest_valid(run.state)
   start = restored_step or 0
-  if restored_step is not None:
-    state = restored
-    if run.is_main:
-      print(f"resuming from step {start} ({run.checkpointer.directory})", flush=True)
+  if restored_step is None:
+    state = jax.jit(run.init, out_shardings=run.state_shardings)()
+  elif run.is_main:
+    print(f"resuming from step {start} ({run.checkpointer.directory})", flush=True)
   if start >= c.train.steps:
     logging.info("already trained for %d steps", start)
 

@@ -58,6 +58,26 @@ def test_same_command_again_resumes_and_finishes(tmp_path, demo_data):
   assert "15" in os.listdir(tmp_path / "checkpoints")
 
 
+def test_resuming_restores_into_shapes_without_building_a_fresh_state(tmp_path, demo_data,
+                                                                      monkeypatch):
+  built = []
+  real = train.setup
+
+  def setup(*args, **kwargs):
+    run = real(*args, **kwargs)
+    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(run.state))
+    init = run.init
+    run.init = lambda: built.append(1) or init()
+    return run
+  monkeypatch.setattr(train, "setup", setup)
+  c = tiny_config(demo_data, steps=2)
+  train.train_and_evaluate(c, str(tmp_path))
+  assert built == [1]   # a new run builds its state once
+  c.train.steps = 3
+  train.train_and_evaluate(c, str(tmp_path))
+  assert built == [1]   # the resumed run restored into shapes: no second, fresh state
+
+
 @pytest.mark.slow
 def test_killed_run_resumes_from_its_checkpoint(tmp_path, demo_data):
   workdir = tmp_path / "run"
