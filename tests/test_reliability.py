@@ -172,7 +172,7 @@ def test_limits_beyond_the_split_mean_the_whole_split(demo_data):
 
 # ----------------------------------------------------------------------------- kill -9
 
-KILL_STEPS, KILL_CHECKPOINT_EVERY = 60, 10
+KILL_STEPS, KILL_CHECKPOINT_EVERY = 40, 10
 
 
 def kill_args(workdir, demo_data):

@@ -2,16 +2,11 @@
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import jax
-import numpy as np
 import pytest
 
-from conftest import ROOT, run_main, tiny_config
+from conftest import run_main, tiny_config
 from flowmap import train
 
 
@@ -76,37 +71,6 @@ def test_resuming_restores_into_shapes_without_building_a_fresh_state(tmp_path, 
   c.train.steps = 3
   train.train_and_evaluate(c, str(tmp_path))
   assert built == [1]   # the resumed run restored into shapes: no second, fresh state
-
-
-@pytest.mark.slow
-def test_killed_run_resumes_from_its_checkpoint(tmp_path, demo_data):
-  workdir = tmp_path / "run"
-  args = ["--config", os.path.join(ROOT, "configs", "demo.py"), "--workdir", str(workdir),
-          f"--config.data.dir={demo_data}", "--config.model.dim=64", "--config.model.depth=2",
-          "--config.train.batch_size=16", "--config.train.steps=400",
-          "--config.train.checkpoint_every=10", "--config.train.eval_every=1000",
-          "--config.train.log_every=10", "--config.eval.num_images=32"]
-  proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py"), *args],
-                          cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  ckpt = workdir / "checkpoints"
-  deadline = time.time() + 300
-  while time.time() < deadline:
-    done = [int(n) for n in os.listdir(ckpt) if n.isdigit()] if ckpt.exists() else []
-    if any(s >= 20 for s in done):
-      break
-    time.sleep(0.5)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  saved = max(int(n) for n in os.listdir(ckpt) if n.isdigit())
-  assert 20 <= saved < 400
-  before = len(read_jsonl(workdir / "metrics.jsonl"))   # the killed run may have logged past
-                                                         # its last checkpoint
-  result = run_main([*args[:-8], *[a for a in args[-8:] if "steps=" not in a],
-                     f"--config.train.steps={saved + 10}"])
-  assert result.returncode == 0, result.stderr[-2000:]
-  resumed = [r["step"] for r in read_jsonl(workdir / "metrics.jsonl")[before:]
-             if "train/loss" in r]
-  assert resumed == [saved + 10]   # resumed at the checkpoint, logged once at the end
 
 
 @pytest.mark.parametrize("override,message", [
