@@ -386,7 +386,7 @@ class Run:
   normalizers: dict
   graphdef: Any
   tx: Any
-  state: Any              # setup: shapes and shardings only (jax.ShapeDtypeStruct)
+  state: Any              # train.setup: shapes + shardings only; evaluate.restore_run: weights
   state_shardings: Any
   checkpointer: checkpoint_lib.Checkpointer
   init: Any = None        # builds a fresh state; called only when there is nothing to resume
