@@ -21,6 +21,8 @@ def get_config():
   c.data.source_shape = ml_collections.config_dict.placeholder(tuple)  # (tokens, dim)
   c.data.target_shape = ml_collections.config_dict.placeholder(tuple)
   c.data.shuffle_buffer = 10_000
+  c.data.in_memory_gb = 2.0     # a training split up to this size (stored dtype) is held in
+                                # memory and permuted exactly; larger ones stream (0: always)
   c.data.synthetic = ml_collections.ConfigDict()   # used when data.dir is empty (the demo)
   c.data.synthetic.train_size = 4096
   c.data.synthetic.validation_size = 512

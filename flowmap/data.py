@@ -26,13 +26,10 @@ from typing import Iterable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
+from flowmap.config import NORMALIZATIONS, DataError
+
 DATASET_NAME = "flowmap_features"
-NORMALIZATIONS = ("standardize", "l2", "none")
 STATS_SPLIT = "train"
-
-
-class DataError(ValueError):
-  """A dataset that is missing, incomplete, or does not fit what was asked of it."""
 
 
 def shard_name(split: str, index: int, num_shards: int) -> str:

@@ -29,6 +29,7 @@ from flax import nnx
 
 from flowmap import data as data_lib
 from flowmap import evaluate as evaluate_lib
+from flowmap import metrics as metrics_lib
 from flowmap import model as model_lib
 from flowmap import sharding
 
@@ -348,7 +349,7 @@ def map_dataset(config, workdir: str) -> dict:
                             batch_size=m.batch_size)
         offset += n
         if mapper.target in batch:
-          cos = evaluate_lib.cosine(mapped, batch[mapper.target].astype(np.float32))
+          cos = metrics_lib.cosine(mapped, batch[mapper.target].astype(np.float32))
           cos_sum, cos_tokens = cos_sum + float(np.nansum(cos)), cos_tokens + cos.size
         for j in range(n):
           feats = {k: batch[k][j] for k in in_shapes}

@@ -56,7 +56,7 @@ def test_normalizer_round_trip(kind):
   y = norm.encode(x)
   if kind == "l2":   # unit RMS per element, like the noise, not unit norm
     np.testing.assert_allclose(np.sqrt((y ** 2).mean(-1)), 1.0, rtol=1e-4)
-    from flowmap.evaluate import cosine
+    from flowmap.metrics import cosine
     np.testing.assert_allclose(cosine(norm.decode(y), x), 1.0, atol=1e-6)
   else:
     np.testing.assert_allclose(norm.decode(y), x, rtol=1e-5, atol=1e-5)

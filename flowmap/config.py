@@ -1,0 +1,93 @@
+"""Errors, and every check of a configuration and of a dataset against it.
+
+The lowest module of flowmap: it imports nothing of the project, so every other module (data,
+train, evaluate, the mapper, the benchmark) can raise and check the same way. A problem found
+here stops a run before any work, with one line and exit code 2 (main.py).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+
+class ConfigError(ValueError):
+  """A configuration, or a dataset that does not fit it; reported before any work."""
+
+
+class DataError(ConfigError):
+  """A dataset that is missing, incomplete, or does not fit what was asked of it."""
+
+
+class NonFiniteError(RuntimeError):
+  """The loss or the gradient stopped being finite."""
+
+
+class Preempted(Exception):
+  """Training stopped on SIGTERM/SIGINT/SIGUSR1 after saving a checkpoint."""
+
+
+NORMALIZATIONS = ("standardize", "l2", "none")
+SOLVERS = ("euler", "heun")
+TIME_SAMPLINGS = ("uniform", "logit_normal", "shifted")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def validate(config, sizes, remat_policies) -> None:
+  """Every value check of a config; all problems in one ConfigError.
+
+  ``sizes`` and ``remat_policies`` are the model's named sizes and remat policies (passed in,
+  so that this module stays below the model)."""
+  c = config
+  problems = []
+  if c.train.steps <= 0:
+    problems.append(f"train.steps must be positive, got {c.train.steps}")
+  if c.train.lr <= 0:
+    problems.append(f"train.lr must be positive, got {c.train.lr}")
+  if c.train.batch_size <= 0:
+    problems.append(f"train.batch_size must be positive, got {c.train.batch_size}")
+  if c.train.grad_accum < 1 or c.train.batch_size % c.train.grad_accum:
+    problems.append(f"train.batch_size {c.train.batch_size} must split into "
+                    f"train.grad_accum={c.train.grad_accum} equal micro-batches")
+  for key in ("log_every", "eval_every", "checkpoint_every"):
+    if c.train[key] <= 0:
+      problems.append(f"train.{key} must be positive, got {c.train[key]}")
+  if c.data.normalize not in NORMALIZATIONS:
+    problems.append(f"data.normalize must be one of {NORMALIZATIONS}, "
+                    f"got {c.data.normalize!r}")
+  if c.eval.solver not in SOLVERS:
+    problems.append(f"eval.solver must be one of {SOLVERS}, got {c.eval.solver!r}")
+  elif c.eval.solver == "heun" and c.eval.steps % 2:
+    problems.append(f"eval.steps counts model evaluations; heun needs an even number, "
+                    f"got {c.eval.steps}")
+  if c.eval.steps < 1:
+    problems.append(f"eval.steps must be >= 1, got {c.eval.steps}")
+  if c.flow.time_sampling not in TIME_SAMPLINGS:
+    problems.append(f"flow.time_sampling must be one of {TIME_SAMPLINGS}")
+  if c.model.size not in sizes:
+    problems.append(f"model.size must be one of {list(sizes)}, got {c.model.size!r}")
+  if c.model.remat not in remat_policies:
+    problems.append(f"model.remat must be one of {list(remat_policies)}")
+  if c.model.dtype not in DTYPES:
+    problems.append(f"model.dtype must be float32, bfloat16 or float16, got {c.model.dtype!r}")
+  if not c.data.source or not c.data.target:
+    problems.append("data.source and data.target must name stored features")
+  if problems:
+    raise ConfigError("; ".join(problems))
+
+
+def shape_or_none(value) -> Optional[tuple[int, ...]]:
+  return None if value is None else tuple(int(v) for v in value)
+
+
+def check_dataset(config, data_dir: str, shapes: dict) -> None:
+  """The named features exist in the dataset (``shapes``: name -> (tokens, dim)) and have
+  the shapes the config gives, where it gives them."""
+  for role in ("source", "target"):
+    name = config.data[role]
+    if name not in shapes:
+      raise DataError(f"{data_dir}: feature {name!r} is not in the dataset; it holds "
+                      f"{sorted(shapes)}")
+    wanted = shape_or_none(config.data[f"{role}_shape"])
+    if wanted is not None and wanted != tuple(shapes[name]):
+      raise ConfigError(f"data.{role}_shape is {wanted} but feature {name!r} in "
+                        f"{data_dir} has shape {tuple(shapes[name])}")
