@@ -2,7 +2,7 @@ r"""Images -> a features dataset (TFRecords) that training reads through config.
 
   python extract_features.py --input 'shards/{00000..00009}.tar' --input images_dir/ \
       --encoder clip=hf:openai/clip-vit-large-patch14 \
-      --encoder eva=timm:eva02_large_patch14_clip_224.merged2b_s4b_b131k \
+      --encoder eva=timm:eva02_large_patch14_clip_224.merged2b \
       --out data/feats --holdout_fraction 0.01
 
 Run the same command again to resume: finished shards are skipped. Split the work over a

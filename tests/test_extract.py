@@ -15,6 +15,8 @@ import pytest        # noqa: E402
 from flowmap import data as data_lib       # noqa: E402
 from flowmap import encoders as encoders_lib  # noqa: E402
 from flowmap import extract                # noqa: E402
+from flowmap import preprocessing          # noqa: E402
+from flowmap.extract import inputs, pipeline  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import extract_fixtures as fx  # noqa: E402
@@ -151,7 +153,7 @@ def test_preprocessing_matches_the_reference_pipelines(world, size):
   from transformers import AutoImageProcessor
   image = fx.picture(7, *size)
   processor = AutoImageProcessor.from_pretrained(world["clip"], backend="pil")
-  ours = encoders_lib.preprocess_from_hf_processor(processor)
+  ours = preprocessing.preprocess_from_hf_processor(processor)
   expected = processor(image, return_tensors="np")["pixel_values"]
   got = ours.normalize(torch.from_numpy(ours.geometry.apply(image)[None])).numpy()
   np.testing.assert_allclose(got, expected, atol=1e-5)
@@ -159,7 +161,7 @@ def test_preprocessing_matches_the_reference_pipelines(world, size):
   model = timm.create_model(f"local-dir:{world['eva']}", pretrained=True)
   data_config = timm.data.resolve_model_data_config(model)
   transform = timm.data.create_transform(**data_config, is_training=False)
-  ours = encoders_lib.preprocess_from_timm_config(data_config)
+  ours = preprocessing.preprocess_from_timm_config(data_config)
   got = ours.normalize(torch.from_numpy(ours.geometry.apply(image)[None])).numpy()
   np.testing.assert_allclose(got, transform(image)[None].numpy(), atol=1e-5)
 
@@ -232,7 +234,7 @@ def source_images(world):
     try:
       with tarfile.open(os.path.join(world["shards"], name), "r|*") as tar:
         for member in tar:
-          key, ext = extract._split_member(member.name)
+          key, ext = inputs._split_member(member.name)
           if ext in extract.IMAGE_EXTENSIONS:
             images[key] = tar.extractfile(member).read()
     except tarfile.TarError:
@@ -314,7 +316,7 @@ def test_interrupted_run_resumes_to_identical_files(world, extracted, tmp_path, 
   """Killed after its first shard (with a stale temporary file left behind), then run
   again: the same bytes as the uninterrupted run, decoded inline this time."""
   out = str(tmp_path / "out")
-  real = extract.extract_shard
+  real = pipeline.extract_shard
   calls = []
 
   class Killed(BaseException):
@@ -326,10 +328,10 @@ def test_interrupted_run_resumes_to_identical_files(world, extracted, tmp_path, 
       raise Killed
     return real(cfg, record, shard, index, *args, **kwargs)
 
-  monkeypatch.setattr(extract, "extract_shard", dies_on_second_shard)
+  monkeypatch.setattr(pipeline, "extract_shard", dies_on_second_shard)
   with pytest.raises(Killed):
     extract.run(config(world, out, decode_workers=0))
-  monkeypatch.setattr(extract, "extract_shard", real)
+  monkeypatch.setattr(pipeline, "extract_shard", real)
   visible = [n for n in os.listdir(out) if n.startswith(data_lib.DATASET_NAME)]
   assert all("-00000-of-" in n for n in visible), visible
   assert not os.path.exists(os.path.join(out, "dataset_info.json"))

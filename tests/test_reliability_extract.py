@@ -429,7 +429,7 @@ def test_pickled_timm_weights_are_refused_without_unpickling(world, tmp_path):
 
 def project_sources():
   files = [os.path.join(ROOT, "main.py"), os.path.join(ROOT, "extract_features.py")]
-  files += sorted(glob.glob(os.path.join(ROOT, "flowmap", "*.py")))
+  files += sorted(glob.glob(os.path.join(ROOT, "flowmap", "**", "*.py"), recursive=True))
   files += sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
   return files
 
@@ -551,6 +551,7 @@ def test_dataset_keys_never_become_paths_in_map_mode(tmp_path, monkeypatch):
   are named by split and shard index only. (The trained run is a stand-in: what is under
   test is where the export writes.)"""
   from configs import default
+  from flowmap import export as export_lib
   from flowmap import mapper as mapper_lib
   keys = [k for k in NASTY_KEYS] + ["mid\x00nul"]
   rng = np.random.default_rng(0)
@@ -580,7 +581,7 @@ def test_dataset_keys_never_become_paths_in_map_mode(tmp_path, monkeypatch):
   out = tmp_path / "x" / "y" / "mapped"
   c.map.input, c.map.output = str(data_in), str(out)
   before = snapshot(tmp_path, out)
-  result = mapper_lib.map_dataset(c, str(tmp_path / "run"))
+  result = export_lib.map_dataset(c, str(tmp_path / "run"))
   assert result["map/rows"] == len(keys)
   assert snapshot(tmp_path, out) == before | {"x", "x/y", "x/y/mapped"}
   written = {os.path.relpath(os.path.join(d, n), out)
