@@ -21,7 +21,6 @@ import numpy as np
 from absl import logging
 
 from flowmap import data as data_lib
-from flowmap import encoders as encoders_lib
 from flowmap.extract.decoding import Prepared, prepared_in_order
 from flowmap.extract.errors import ExtractError
 from flowmap.extract.inputs import InputShard, read_samples, resolve_inputs
@@ -248,6 +247,9 @@ def _hide_gpus_from_tensorflow() -> None:
 
 def run(cfg: ExtractConfig) -> Summary:
   """Extracts this worker's share of the input shards, then finalizes if it was last."""
+  # flowmap.encoders loads PyTorch: only once a run starts, so --help and a bad flag stay quick
+  from flowmap import encoders as encoders_lib
+
   # -- configuration: whatever can be wrong is found before any work
   cfg.validate()
   try:
