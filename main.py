@@ -55,7 +55,7 @@ def main(argv):
   sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                   FLAGS.process_id)
   import jax
-  from flowmap import data, train
+  from flowmap import config as errors
   config = _CONFIG.value
   config_name = os.path.splitext(os.path.basename(config_flags.get_config_filename(
       FLAGS["config"])))[0]
@@ -65,18 +65,19 @@ def main(argv):
           f"{jax.devices()[0].platform} device(s), {jax.process_count()} process(es)")
   try:
     if FLAGS.mode == "train":
+      from flowmap import train
       results = train.train_and_evaluate(config, workdir)
     elif FLAGS.mode == "eval":
       from flowmap import evaluate
       results = evaluate.evaluate_workdir(config, workdir)
     else:
-      from flowmap import mapper
-      results = mapper.map_dataset(config, workdir)
-  except (train.ConfigError, data.DataError) as e:
+      from flowmap import export
+      results = export.map_dataset(config, workdir)
+  except errors.ConfigError as e:
     fail(str(e))
-  except train.NonFiniteError as e:
+  except errors.NonFiniteError as e:
     fail(str(e), code=1)
-  except train.Preempted as e:
+  except errors.Preempted as e:
     print(f"flowmap: {e}", file=sys.stderr)
     sys.exit(0)
   if jax.process_index() == 0 and results:

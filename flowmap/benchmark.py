@@ -39,10 +39,12 @@ import numpy as np
 from flax import nnx
 
 from flowmap import data as data_lib
-from flowmap import evaluate as evaluate_lib
 from flowmap import model as model_lib
+from flowmap import sampling
 from flowmap import sharding
 from flowmap import train as train_lib
+from flowmap import workdir as workdir_lib
+from flowmap.config import ConfigError
 
 # What the benchmark does when the config has no `bench` section (configs/bench.py has one).
 DEFAULTS = {
@@ -273,7 +275,7 @@ class Flowmap:
         state, h, s, c).compile())
 
   def sampler(self, solver: str, evaluations: int) -> tuple[Callable, float]:
-    generate = evaluate_lib.make_sampler(self.graphdef, solver, evaluations)
+    generate = sampling.make_sampler(self.graphdef, solver, evaluations)
     params = self.state["ema"]
     start = time.perf_counter()
     compiled = generate.lower(params, self.sample_source, self.sample_noise).compile()
@@ -435,7 +437,7 @@ class LuminaPeer:
 
 def run(config, peer: str = "") -> dict:
   s = settings(config)
-  train_lib.validate_config(config)
+  workdir_lib.validate_config(config)
   source_shape, target_shape = feature_shapes(config)
   try:
     model_cfg = model_lib.config_from(config.model, source_shape, target_shape)
@@ -654,7 +656,7 @@ def main(argv) -> None:
   FLAGS = flags.FLAGS
   try:
     result = run(FLAGS.config, FLAGS.peer)
-  except (BenchmarkError, train_lib.ConfigError, data_lib.DataError) as e:
+  except (BenchmarkError, ConfigError) as e:
     print(f"flowmap.benchmark: error: {e}", file=sys.stderr)
     sys.exit(2)
   print(table(result), file=sys.stderr)

@@ -11,6 +11,7 @@ deleted.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from typing import Any, Optional
@@ -18,6 +19,15 @@ from typing import Any, Optional
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+
+
+@dataclasses.dataclass
+class Weights:
+  """The weights of one checkpoint that evaluation and mapping need; either may be None
+  when it was not asked for."""
+  step: int
+  params: Any = None
+  ema: Any = None
 
 
 class Checkpointer:
@@ -78,6 +88,21 @@ class Checkpointer:
       multihost_utils.sync_global_devices(f"quarantine-{step}")
     self.manager.reload()
     return dst
+
+  def restore_weights(self, abstract: dict, step: Optional[int] = None) -> "Weights":
+    """Only the named entries of the train state (``{"ema": shapes}``, or params and ema),
+    each placed with the sharding its ShapeDtypeStruct carries, at ``step`` (default:
+    newest); the optimizer state stays on disk. What evaluation and the Mapper use."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    if step not in self.all_steps():
+      raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; "
+                              f"it has {self.all_steps()}")
+    restored = self.manager.restore(step, args=ocp.args.PyTreeRestore(
+        item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+        partial_restore=True))
+    return Weights(int(step), restored.get("params"), restored.get("ema"))
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

@@ -12,8 +12,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-TIME_SAMPLINGS = ("uniform", "logit_normal", "shifted")
-SOLVERS = ("euler", "heun")
+from flowmap.config import SOLVERS, TIME_SAMPLINGS
 
 
 def sample_time(key, n: int, kind: str = "logit_normal", mean: float = 0.0,
@@ -53,10 +52,16 @@ def target_velocity(noise: jax.Array, x1: jax.Array) -> jax.Array:
   return x1 - noise
 
 
-def loss(predicted: jax.Array, target: jax.Array, scale: float = 1.0) -> jax.Array:
-  """Mean squared error over every element, in float32 whatever the compute dtype."""
+def per_example_loss(predicted: jax.Array, target: jax.Array) -> jax.Array:
+  """Mean squared error of each example [batch], in float32 whatever the compute dtype."""
   diff = predicted.astype(jnp.float32) - target.astype(jnp.float32)
-  return scale * jnp.mean(jnp.square(diff))
+  return jnp.mean(jnp.square(diff), axis=tuple(range(1, diff.ndim)))
+
+
+def loss(predicted: jax.Array, target: jax.Array, scale: float = 1.0) -> jax.Array:
+  """The training objective: mean squared error over every element (examples have equal
+  size, so the mean of the per-example means), times ``scale``."""
+  return scale * jnp.mean(per_example_loss(predicted, target))
 
 
 def condition_dropout(key, batch: int, rate: float) -> jax.Array:
@@ -67,10 +72,9 @@ def condition_dropout(key, batch: int, rate: float) -> jax.Array:
   return jax.random.bernoulli(key, rate, (batch,))
 
 
-def time_grid(steps: int, shift: float = 1.0) -> jax.Array:
-  """steps + 1 times from 0 to 1 (inclusive), optionally shifted towards the noise end."""
-  t = jnp.linspace(0.0, 1.0, steps + 1)
-  return shift_time(t, shift) if shift != 1.0 else t
+def time_grid(steps: int) -> jax.Array:
+  """steps + 1 evenly spaced times from 0 to 1 (inclusive)."""
+  return jnp.linspace(0.0, 1.0, steps + 1)
 
 
 def guided(velocity: Callable, guidance: float) -> Callable:
@@ -100,8 +104,7 @@ def steps_for_evaluations(solver: str, evaluations: int) -> int:
   raise ValueError(f"unknown solver {solver!r}; expected one of {SOLVERS}")
 
 
-def sample(velocity: Callable, noise: jax.Array, steps: int, solver: str = "euler",
-           shift: float = 1.0) -> jax.Array:
+def sample(velocity: Callable, noise: jax.Array, steps: int, solver: str = "euler") -> jax.Array:
   """Integrates dx/dt = velocity(x, t) from t = 0 (noise) to t = 1 in one lax loop.
 
   ``velocity(x, t)`` gets t as a vector of per-row times. Heun's second evaluation is at the
@@ -111,7 +114,7 @@ def sample(velocity: Callable, noise: jax.Array, steps: int, solver: str = "eule
     raise ValueError(f"unknown solver {solver!r}; expected one of {SOLVERS}")
   if steps < 1:
     raise ValueError(f"steps must be >= 1, got {steps}")
-  grid = time_grid(steps, shift)
+  grid = time_grid(steps)
   rows = noise.shape[0]
 
   def step(i, x):

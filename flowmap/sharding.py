@@ -137,6 +137,14 @@ def state_shardings(abstract_state, mesh):
   return jax.tree_util.tree_map_with_path(spec, abstract_state)
 
 
+def placed(abstract_tree, mesh):
+  """ShapeDtypeStructs carrying the shardings of ``state_shardings``: what a restore fills
+  in place, so nothing is held twice or gathered."""
+  shardings = state_shardings(abstract_tree, mesh)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      abstract_tree, shardings)
+
+
 def global_batch(local: dict, mesh) -> dict:
   """Builds globally sharded arrays from this process's block of rows of the batch; with one
   process, ``local`` is the whole batch."""

@@ -7,15 +7,13 @@ config.seed, so a resumed run sees the batches and noise the uninterrupted run w
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import time
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from absl import logging
@@ -26,19 +24,11 @@ from flowmap import data as data_lib
 from flowmap import evaluate as evaluate_lib
 from flowmap import flow
 from flowmap import model as model_lib
+from flowmap import plots
+from flowmap import sampling
 from flowmap import sharding
-
-
-class ConfigError(ValueError):
-  """A configuration, or a dataset that does not fit it; reported before any work."""
-
-
-class NonFiniteError(RuntimeError):
-  """The loss or the gradient stopped being finite."""
-
-
-class Preempted(Exception):
-  """Training stopped on SIGTERM/SIGINT/SIGUSR1 after saving a checkpoint."""
+from flowmap import workdir as workdir_lib
+from flowmap.config import ConfigError, NonFiniteError, Preempted
 
 
 class PreemptionWatcher:
@@ -85,94 +75,19 @@ class PreemptionWatcher:
       signal.signal(sig, handler)
 
 
-# ----------------------------------------------------------------------------- config
-
-def validate_config(config) -> None:
-  c = config
-  problems = []
-  if c.train.steps <= 0:
-    problems.append(f"train.steps must be positive, got {c.train.steps}")
-  if c.train.lr <= 0:
-    problems.append(f"train.lr must be positive, got {c.train.lr}")
-  if c.train.batch_size <= 0:
-    problems.append(f"train.batch_size must be positive, got {c.train.batch_size}")
-  if c.train.grad_accum < 1 or c.train.batch_size % c.train.grad_accum:
-    problems.append(f"train.batch_size {c.train.batch_size} must split into "
-                    f"train.grad_accum={c.train.grad_accum} equal micro-batches")
-  for key in ("log_every", "eval_every", "checkpoint_every"):
-    if c.train[key] <= 0:
-      problems.append(f"train.{key} must be positive, got {c.train[key]}")
-  if c.data.normalize not in data_lib.NORMALIZATIONS:
-    problems.append(f"data.normalize must be one of {data_lib.NORMALIZATIONS}, "
-                    f"got {c.data.normalize!r}")
-  if c.eval.solver not in flow.SOLVERS:
-    problems.append(f"eval.solver must be one of {flow.SOLVERS}, got {c.eval.solver!r}")
-  elif c.eval.solver == "heun" and c.eval.steps % 2:
-    problems.append(f"eval.steps counts model evaluations; heun needs an even number, "
-                    f"got {c.eval.steps}")
-  if c.eval.steps < 1:
-    problems.append(f"eval.steps must be >= 1, got {c.eval.steps}")
-  if c.flow.time_sampling not in flow.TIME_SAMPLINGS:
-    problems.append(f"flow.time_sampling must be one of {flow.TIME_SAMPLINGS}")
-  if c.model.size not in model_lib.SIZES:
-    problems.append(f"model.size must be one of {list(model_lib.SIZES)}, got {c.model.size!r}")
-  if c.model.remat not in model_lib.REMAT_POLICIES:
-    problems.append(f"model.remat must be one of {list(model_lib.REMAT_POLICIES)}")
-  if c.model.dtype not in ("float32", "bfloat16", "float16"):
-    problems.append(f"model.dtype must be float32, bfloat16 or float16, got {c.model.dtype!r}")
-  if not c.data.source or not c.data.target:
-    problems.append("data.source and data.target must name stored features")
-  if problems:
-    raise ConfigError("; ".join(problems))
-
-
-def _shape_or_none(value):
-  return None if value is None else tuple(int(v) for v in value)
-
-
-def resolve_data(config, workdir: str) -> tuple[str, dict]:
-  """The dataset directory (the demo writes its synthetic one into the workdir) and stats,
-  after checking that it holds the named features in the configured shapes."""
-  data_dir = config.data.dir
-  if not data_dir:
-    data_dir = os.path.join(workdir, "data")
-    if jax.process_index() == 0:
-      from flowmap import synthetic
-      s = config.data.synthetic
-      synthetic.write_demo_dataset(
-          data_dir, train_size=s.train_size, validation_size=s.validation_size,
-          seed=config.seed, grid=s.grid, source_dim=s.source_dim, target_dim=s.target_dim)
-    _sync("synthetic-data")
-  if not os.path.isdir(data_dir):
-    raise ConfigError(f"data.dir {data_dir!r} does not exist; extract features into it "
-                      "with extract_features.py or leave data.dir empty for the demo")
-  try:
-    stats = data_lib.load_stats(data_dir)
-    for role in ("source", "target"):
-      name = config.data[role]
-      shape = data_lib.feature_shape(stats, name)
-      wanted = _shape_or_none(config.data[f"{role}_shape"])
-      if wanted is not None and wanted != shape:
-        raise ConfigError(f"data.{role}_shape is {wanted} but feature {name!r} in "
-                          f"{data_dir} has shape {shape}")
-  except data_lib.DataError as e:
-    raise ConfigError(f"{data_dir}: {e}") from None
-  return data_dir, stats
-
-
-def _sync(name: str) -> None:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(name)
-
-
 # ----------------------------------------------------------------------------- state
+
+def learning_rate(config) -> optax.Schedule:
+  """Linear warmup, then cosine decay to lr * min_lr_ratio at train.steps."""
+  t = config.train
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=t.lr, warmup_steps=min(t.warmup_steps, t.steps),
+      decay_steps=max(t.steps, t.warmup_steps + 1), end_value=t.lr * t.min_lr_ratio)
+
 
 def make_optimizer(config) -> optax.GradientTransformation:
   t = config.train
-  schedule = optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=t.lr, warmup_steps=min(t.warmup_steps, t.steps),
-      decay_steps=max(t.steps, t.warmup_steps + 1), end_value=t.lr * t.min_lr_ratio)
+  schedule = learning_rate(config)
 
   def decay_mask(params):
     return jax.tree_util.tree_map_with_path(
@@ -193,7 +108,7 @@ def abstract_state(model_cfg, tx, seed):
     graphdef, params = nnx.split(create_model(model_cfg, seed))
     return {"step": jnp.zeros((), jnp.int32), "params": params,
             "opt_state": tx.init(params), "ema": params}
-  graphdef = nnx.split(nnx.eval_shape(lambda: create_model(model_cfg, seed)))[0]
+  graphdef, _ = sampling.abstract_model(model_cfg, seed)
   return graphdef, init, jax.eval_shape(init)
 
 
@@ -231,7 +146,7 @@ def _per_block_norm(blocks_tree) -> jax.Array:
 
 
 def make_train_step(config, graphdef, tx):
-  velocity = evaluate_lib.make_velocity(graphdef)
+  velocity = sampling.make_velocity(graphdef)
   accum = config.train.grad_accum
   seed = config.seed
   skip_nonfinite = config.train.skip_nonfinite
@@ -241,8 +156,8 @@ def make_train_step(config, graphdef, tx):
     xt = flow.interpolate(noise, x1, t)
     target = flow.target_velocity(noise, x1)
     pred = velocity(params, xt, t, source, drop)
-    per_example = jnp.mean(jnp.square(pred - target), axis=(1, 2))
-    loss = config.flow.loss_scale * jnp.mean(per_example)
+    loss = flow.loss(pred, target, config.flow.loss_scale)
+    per_example = flow.per_example_loss(pred, target)   # for the time buckets
     p, v = pred.reshape(len(pred), -1), target.reshape(len(target), -1)
     cos = jnp.sum(p * v, -1) / jnp.maximum(
         jnp.linalg.norm(p, axis=-1) * jnp.linalg.norm(v, axis=-1), 1e-12)
@@ -317,7 +232,6 @@ class MetricWriter:
     if not enabled:
       return
     import tensorflow as tf
-    tf.config.set_visible_devices([], "GPU")
     self.tb = tf.summary.create_file_writer(workdir)
     if config.wandb.project:
       import wandb
@@ -375,51 +289,33 @@ def summarise(window: list[dict], depth: int) -> dict:
 # ----------------------------------------------------------------------------- the run
 
 @dataclasses.dataclass
-class Run:
-  """Everything a workdir's run is made of; `setup` builds it, train and eval use it."""
+class TrainSetup:
+  """What training is made of before it holds any array: the mesh, the data, the run's
+  spec, the model's graphdef, the optimizer, and the train state's shapes and shardings.
+
+  The train state itself is always one pytree {"step", "params", "opt_state", "ema"};
+  ``abstract_state`` is its ShapeDtypeStructs (with shardings), which a resumed run restores
+  straight into, and ``init`` builds a fresh one, called only when there is nothing to
+  resume."""
   config: Any
   workdir: str
   mesh: Any
   data_dir: str
-  stats: dict
-  model_cfg: model_lib.ModelConfig
-  normalizers: dict
+  spec: workdir_lib.RunSpec
   graphdef: Any
   tx: Any
-  state: Any              # train.setup: shapes + shardings only; evaluate.restore_run: weights
+  abstract_state: Any
   state_shardings: Any
   checkpointer: checkpoint_lib.Checkpointer
-  init: Any = None        # builds a fresh state; called only when there is nothing to resume
+  init: Any
 
   @property
   def is_main(self) -> bool:
     return jax.process_index() == 0
 
 
-RESUME_MODEL_KEYS = ("dim", "depth", "heads", "kv_heads", "mlp_ratio", "aligned_conditioning")
-
-
-def check_resumable(workdir: str, checkpointer, run_info: dict) -> None:
-  """A workdir with checkpoints resumes only a run of the same features, shapes and model."""
-  path = os.path.join(workdir, "normalization.json")
-  if checkpointer.latest_step() is None or not os.path.exists(path):
-    return
-  with open(path) as f:
-    previous = json.load(f)
-  for key in ("source", "target", "source_shape", "target_shape"):
-    if previous.get(key) != run_info[key]:
-      raise ConfigError(f"{workdir} holds checkpoints of a run with {key}="
-                        f"{previous.get(key)}, but this config gives {run_info[key]}; "
-                        "use a new --workdir or the original config")
-  for key, value in run_info["model"].items():
-    old = previous.get("model", {}).get(key, value)
-    if old != value:
-      raise ConfigError(f"{workdir} holds checkpoints of a model with {key}={old}, but this "
-                        f"config gives {value}; use a new --workdir or the original config")
-
-
-def setup(config, workdir: str) -> Run:
-  validate_config(config)
+def setup(config, workdir: str) -> TrainSetup:
+  workdir_lib.validate_config(config)
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.make_mesh(config.mesh)
   n_dev = mesh.devices.size
@@ -427,37 +323,19 @@ def setup(config, workdir: str) -> Run:
     raise ConfigError(f"train.batch_size {config.train.batch_size} (micro-batch "
                       f"{config.train.batch_size // config.train.grad_accum}) must be divisible "
                       f"by the {n_dev} devices")
-  data_dir, stats = resolve_data(config, workdir)
-  source_shape = data_lib.feature_shape(stats, config.data.source)
-  target_shape = data_lib.feature_shape(stats, config.data.target)
-  try:
-    model_cfg = model_lib.config_from(config.model, source_shape, target_shape)
-    tx = make_optimizer(config)
-    # Shapes only: a resumed run restores straight into its shardings, so the state is never
-    # held twice; a new run creates it in train_and_evaluate.
-    graphdef, init, shapes = abstract_state(model_cfg, tx, config.seed)
-    shardings = sharding.state_shardings(shapes, mesh)
-    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                         shapes, shardings)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
-  normalizers = {
-      "source": data_lib.Normalizer.from_stats(stats, config.data.source, config.data.normalize),
-      "target": data_lib.Normalizer.from_stats(stats, config.data.target, config.data.normalize)}
+  data_dir, stats = workdir_lib.resolve_data(config, workdir)
+  spec = workdir_lib.spec_from_config(config, stats)
   checkpointer = checkpoint_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
-  run_info = {"source": config.data.source, "target": config.data.target,
-              "source_shape": list(source_shape), "target_shape": list(target_shape),
-              "model": {k: getattr(model_cfg, k) for k in RESUME_MODEL_KEYS},
-              "source_normalizer": normalizers["source"].to_json(),
-              "target_normalizer": normalizers["target"].to_json()}
-  check_resumable(workdir, checkpointer, run_info)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=1))
-    with open(os.path.join(workdir, "normalization.json"), "w") as f:
-      json.dump(run_info, f)
-  return Run(config, workdir, mesh, data_dir, stats, model_cfg, normalizers, graphdef, tx,
-             state, shardings, checkpointer, init)
+  if checkpointer.latest_step() is not None:
+    workdir_lib.check_compatible(workdir, spec)
+  tx = make_optimizer(config)
+  # Shapes only: a resumed run restores straight into its shardings, so the state is never
+  # held twice; a new run creates it in train_and_evaluate.
+  graphdef, init, shapes = abstract_state(spec.model_cfg, tx, config.seed)
+  shardings = sharding.state_shardings(shapes, mesh)
+  workdir_lib.write_run_files(workdir, config, spec)
+  return TrainSetup(config, workdir, mesh, data_dir, spec, graphdef, tx,
+                    sharding.placed(shapes, mesh), shardings, checkpointer, init)
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -468,7 +346,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   mesh = run.mesh
 
   # -- checkpoint: resume where the workdir left off
-  restored_step, state = run.checkpointer.restore_latest_valid(run.state)
+  restored_step, state = run.checkpointer.restore_latest_valid(run.abstract_state)
   start = restored_step or 0
   if restored_step is None:
     state = jax.jit(run.init, out_shardings=run.state_shardings)()
@@ -479,10 +357,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   # -- input: this process's rows of every global batch, resumed at `start`; process p
   # holds the p-th block of rows (sharding.make_mesh orders the devices by process)
+  normalizers = run.spec.normalizers
   batches = data_lib.train_batches(
       run.data_dir, "train", [c.data.source, c.data.target], c.train.batch_size,
-      normalizers={c.data.source: run.normalizers["source"],
-                   c.data.target: run.normalizers["target"]},
+      normalizers={c.data.source: normalizers["source"], c.data.target: normalizers["target"]},
       seed=c.seed, limit=c.data.overfit_size, start_step=start,
       process_index=jax.process_index(), process_count=jax.process_count(),
       shuffle_buffer=c.data.shuffle_buffer)
@@ -494,11 +372,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                                         "target": batch_shard}),
                     out_shardings=(run.state_shardings, sharding.replicated(mesh)),
                     donate_argnums=(0,))
-  evaluator = evaluate_lib.make_evaluator(run)
+  evaluator = evaluate_lib.make_evaluator(c, workdir, run.data_dir, run.spec, run.graphdef,
+                                          mesh)
   writer = MetricWriter(workdir, c, enabled=run.is_main)
+  schedule = learning_rate(c)
 
   window, last_eval = [], {}
-  pending = None   # the previous step's metrics, fetched after the next step is dispatched
+  pending = None   # the newest step's metrics, fetched once the next step is dispatched
   skipped_in_a_row = 0
   last_saved = start
   t_window = time.perf_counter()
@@ -507,8 +387,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   preemption = PreemptionWatcher()
 
-  def check(step_done: int, metrics) -> None:
-    nonlocal skipped_in_a_row
+  def flush() -> None:
+    """Fetches the pending step's metrics: stops on a non-finite step, else keeps them for
+    the logging window."""
+    nonlocal pending, skipped_in_a_row
+    if pending is None:
+      return
+    step_done, metrics = pending
+    pending = None
     m = jax.device_get(metrics)
     if m["nonfinite"]:
       if not c.train.skip_nonfinite:
@@ -531,21 +417,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                      "target": batch[c.data.target]}, mesh)
       with jax.transfer_guard("disallow"):   # everything the step takes is already placed
         state, metrics = step_fn(state, batch)
-      if pending is not None:
-        check(*pending)
+      flush()   # the previous step's metrics, while this one runs
       pending = (step + 1, metrics)
       done = step + 1
       if done % c.train.log_every == 0 or done == c.train.steps:
-        check(*pending)
-        pending = None
+        flush()
         elapsed = time.perf_counter() - t_window
-        scalars = summarise(window, run.model_cfg.depth)
+        scalars = summarise(window, run.spec.model_cfg.depth)
         scalars["perf/steps_per_s"] = len(window) / elapsed
         scalars["perf/samples_per_s"] = len(window) * c.train.batch_size / elapsed
-        scalars["train/lr"] = float(optax.warmup_cosine_decay_schedule(
-            0.0, c.train.lr, min(c.train.warmup_steps, c.train.steps),
-            max(c.train.steps, c.train.warmup_steps + 1),
-            c.train.lr * c.train.min_lr_ratio)(done))
+        scalars["train/lr"] = float(schedule(done))
         writer.write(done, scalars)
         bar.set_postfix(loss=f"{scalars['train/loss']:.4f}",
                         vcos=f"{scalars['train/velocity_cosine']:.3f}")
@@ -553,21 +434,17 @@ def train_and_evaluate(config, workdir: str) -> dict:
         t_window = time.perf_counter()
       bar.update(1)
       if done % c.train.eval_every == 0 or done == c.train.steps:
-        if pending is not None:
-          check(*pending)
-          pending = None
-        last_eval = evaluate_lib.run_eval(run, evaluator, state, done)
+        flush()
+        last_eval = evaluator.run(c, workdir, state, done)
         writer.write(done, last_eval)
         if run.is_main:
           bar.write(f"step {done}: " + "  ".join(
               f"{k.split('/')[1]}={v:.4f}" for k, v in last_eval.items()
               if not k.startswith("eval/raw_")))
-          evaluate_lib.plot_training(workdir)
+          plots.plot_training(workdir)
       stop = preemption.reached(done)
       if done % c.train.checkpoint_every == 0 or done == c.train.steps or stop:
-        if pending is not None:
-          check(*pending)
-          pending = None
+        flush()
         run.checkpointer.save(done, state, force=done == c.train.steps or stop)
         last_saved = done
       if stop:
@@ -575,13 +452,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
         raise Preempted(f"stopped by {preemption.signal_name} at step {done}; checkpoint "
                         f"{done} saved in {run.checkpointer.directory}; run the same command "
                         "again to resume")
-    if pending is not None:
-      check(*pending)
+    flush()
   finally:
     preemption.close()
     bar.close()
     run.checkpointer.close()
     writer.close()
   if not last_eval and start >= c.train.steps:
-    last_eval = evaluate_lib.run_eval(run, evaluator, state, start)
+    last_eval = evaluator.run(c, workdir, state, start)
   return last_eval

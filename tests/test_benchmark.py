@@ -16,7 +16,6 @@ import pytest
 from flax import nnx
 
 from flowmap import benchmark
-from flowmap import evaluate as evaluate_lib
 from flowmap import model as M
 from flowmap import sharding
 from flowmap import train as train_lib

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from conftest import run_main
-from flowmap import evaluate, flow, train
+from flowmap import baselines, evaluate, flow, metrics, plots, sampling, workdir
+from flowmap.config import ConfigError
 
 SWEEP = (1, 2, 4, 8, 16, 32, 50)
 
@@ -67,7 +68,7 @@ def test_model_sampler_integrates_the_model_ode_like_diffrax(small_run, guidance
   graphdef, params, shape = m.graphdef, m.params, m.target_shape
   source = jax.random.normal(jax.random.key(3), (5, *m.source_shape))
   rows = jnp.arange(10, 15)
-  velocity = evaluate.make_velocity(graphdef)
+  velocity = sampling.make_velocity(graphdef)
 
   @jax.jit
   def field(x, t):
@@ -78,9 +79,9 @@ def test_model_sampler_integrates_the_model_ode_like_diffrax(small_run, guidance
     uncond = velocity(params, x, t, source, ~keep)
     return uncond + guidance * (cond - uncond)
 
-  x0 = evaluate.noise_for_rows(11, rows, shape)
+  x0 = sampling.noise_for_rows(11, rows, shape)
   for solver in solvers:
-    ours = evaluate.make_row_sampler(graphdef, shape, solver, 8, guidance)(
+    ours = sampling.make_row_sampler(graphdef, shape, solver, 8, guidance)(
         params, source, rows, 11)
     reference = {"euler": diffrax.Euler(), "heun": diffrax.Heun()}[solver]
     steps = flow.steps_for_evaluations(solver, 8)
@@ -89,10 +90,10 @@ def test_model_sampler_integrates_the_model_ode_like_diffrax(small_run, guidance
 
 
 def test_row_noise_depends_only_on_seed_and_row():
-  a = evaluate.row_noise(5, 0, 8, (2, 3))
-  b = evaluate.row_noise(5, 3, 2, (2, 3))
+  a = sampling.noise_for_rows(5, jnp.arange(8), (2, 3))
+  b = sampling.noise_for_rows(5, jnp.arange(3, 5), (2, 3))
   np.testing.assert_array_equal(a[3:5], b)
-  assert not np.allclose(evaluate.row_noise(6, 0, 8, (2, 3)), a)
+  assert not np.allclose(sampling.noise_for_rows(6, jnp.arange(8), (2, 3)), a)
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -100,23 +101,23 @@ def test_row_noise_depends_only_on_seed_and_row():
 def test_metrics_on_known_answers():
   rng = np.random.default_rng(0)
   true = rng.normal(size=(6, 4, 3))
-  same = evaluate.score(true, true)
+  same = metrics.score(true, true)
   assert same["cosine_token"] == pytest.approx(1.0)
   assert same["cosine_global"] == pytest.approx(1.0)
   assert same["mse"] == pytest.approx(0.0)
   assert same["recall_at_1"] == 1.0
-  flipped = evaluate.score(-true, true)
+  flipped = metrics.score(-true, true)
   assert flipped["cosine_token"] == pytest.approx(-1.0)
   assert flipped["mse"] == pytest.approx(4 * np.mean(true ** 2))
-  constant = evaluate.score(np.broadcast_to(true[0], true.shape), true)
+  constant = metrics.score(np.broadcast_to(true[0], true.shape), true)
   assert constant["recall_at_1"] == pytest.approx(1 / 6)
 
 
 def test_metrics_do_not_depend_on_batching():
   rng = np.random.default_rng(1)
   gen, true = rng.normal(size=(2, 23, 5, 4))
-  whole = evaluate.score(gen, true)
-  m = evaluate.Metrics()
+  whole = metrics.score(gen, true)
+  m = metrics.Metrics()
   for i in range(0, 23, 5):
     m.add(gen[i:i + 5], true[i:i + 5])
   for k, v in m.result().items():
@@ -135,13 +136,13 @@ def test_ridge_per_token_recovers_a_linear_map():
   w, b = rng.normal(size=(6, 4)), rng.normal(size=4)
   source = rng.normal(size=(300, 9, 6)) + 2.0
   target = source @ w + b + 0.01 * rng.normal(size=(300, 9, 4))
-  fitted = evaluate.fit_baselines(_batches(source, target), (9, 6), (9, 4))
+  fitted = baselines.fit_baselines(_batches(source, target), (9, 6), (9, 4))
   assert fitted.kind == "per_token" and fitted.rows == 300
   np.testing.assert_allclose(fitted.coef[:-1], w, atol=0.01)
   np.testing.assert_allclose(fitted.coef[-1], b, atol=0.02)
   np.testing.assert_allclose(fitted.mean_target, target.mean(0), atol=1e-12)
   test_source = rng.normal(size=(20, 9, 6))
-  figures = evaluate.baseline_metrics(fitted, test_source, test_source @ w + b)
+  figures = baselines.baseline_metrics(fitted, test_source, test_source @ w + b)
   assert figures["baseline/ridge_cosine_token"] > 0.999
   assert figures["baseline/mean_cosine_token"] < 0.9
 
@@ -154,7 +155,7 @@ def test_ridge_is_pooled_when_token_counts_differ():
   offsets = rng.normal(size=(4, 4))
   source = rng.normal(size=(400, 16, 6))
   target = (source.mean(1) @ w)[:, None, :] + offsets
-  fitted = evaluate.fit_baselines(_batches(source, target), (16, 6), (4, 4))
+  fitted = baselines.fit_baselines(_batches(source, target), (16, 6), (4, 4))
   assert fitted.kind == "pooled"
   new = rng.normal(size=(10, 16, 6))
   np.testing.assert_allclose(fitted.ridge(new), (new.mean(1) @ w)[:, None] + offsets,
@@ -164,7 +165,7 @@ def test_ridge_is_pooled_when_token_counts_differ():
 def test_ridge_statistics_give_the_direct_error_and_penalty_choice():
   rng = np.random.default_rng(2)
   x, y = rng.normal(size=(50, 3)), rng.normal(size=(50, 2))
-  stats = evaluate.RidgeStats(3, 2)
+  stats = baselines.RidgeStats(3, 2)
   stats.add(x[:20], y[:20])
   stats.add(x[20:], y[20:])
   coef = stats.solve(0.1)
@@ -184,14 +185,14 @@ def test_sweep_table_and_plot_show_every_solver_and_guidance(tmp_path):
               "baseline/ridge_cosine_global": 0.7, "baseline/mean_cosine_global": 0.5}
   record = {"sweep": sweep, "num_images": 10, "solver": "heun", "evaluations": 8,
             "guidance": 1.0, "ridge_kind": "pooled", **baseline,
-            **{f"eval/{k}": 0.5 for k in (*evaluate.METRICS, "velocity_cosine")}}
-  table = evaluate.format_table(7, record)
+            **{f"eval/{k}": 0.5 for k in (*metrics.METRICS, "velocity_cosine")}}
+  table = plots.format_table(7, record)
   assert "euler g=2 ema/raw" in table and "heun ema/raw" in table
   assert "0.6100/0.5100" in table                  # euler, 1 evaluation: ema / raw
   heun_row_1 = table.splitlines()[2]
   assert heun_row_1.split()[0] == "1" and heun_row_1.count("-") == 2   # no 1-step Heun
   assert "ridge (pooled) 0.6000" in table
-  path = evaluate.plot_sweep(str(tmp_path), 7, sweep, baseline)
+  path = plots.plot_sweep(str(tmp_path), 7, sweep, baseline)
   assert path.endswith("sweep_7.png") and os.path.getsize(path) > 10_000
   assert os.path.exists(tmp_path / "plots" / "sweep.png")
 
@@ -199,15 +200,16 @@ def test_sweep_table_and_plot_show_every_solver_and_guidance(tmp_path):
 # ----------------------------------------------------------------------------- with a run
 
 def test_evaluator_figures_do_not_depend_on_batch_size(small_run):
-  run = evaluate.restore_run(small_run["config"], small_run["workdir"])
-  assert int(run.state["step"]) == 400
-  reference = evaluate.make_evaluator(run)
+  config, run_dir = small_run["config"], small_run["workdir"]
+  spec, data_dir, graphdef, mesh, weights = evaluate.restore(config, run_dir)
+  assert weights.step == 400
+  reference = evaluate.make_evaluator(config, run_dir, data_dir, spec, graphdef, mesh)
   figures = []
   for batch_size in (64, 7):
-    ev = evaluate.Evaluator(run.graphdef, run.mesh, reference.source, reference.target_raw,
-                            run.normalizers["target"], batch_size, seed=reference.seed)
-    figures.append({**ev.evaluate(run.state["ema"], "euler", 4),
-                    "velocity_cosine": ev.velocity_cosine(run.state["ema"])})
+    ev = evaluate.Evaluator(graphdef, mesh, reference.source, reference.target_raw,
+                            spec.normalizers["target"], batch_size, seed=reference.seed)
+    figures.append({**ev.evaluate(weights.ema, "euler", 4),
+                    "velocity_cosine": ev.velocity_cosine(weights.ema)})
   for other in figures[1:]:
     for k, v in figures[0].items():
       assert other[k] == pytest.approx(v, abs=2e-6), k
@@ -257,31 +259,32 @@ def test_eval_mode_reports_sweep_baselines_json_and_plots(small_run):
 
 def test_eval_mode_refuses_missing_checkpoints_and_foreign_configs(small_run, tmp_path):
   config = small_run["config"]
-  with pytest.raises(train.ConfigError, match="no checkpoints"):
+  with pytest.raises(ConfigError, match="no checkpoints"):
     evaluate.evaluate_workdir(config, str(tmp_path))
   other = config.copy_and_resolve_references()
   other.model.dim = 32
-  with pytest.raises(train.ConfigError, match="config.model.dim is 32 but .* was trained "
-                                              "with 64"):
+  with pytest.raises(ConfigError, match="with model.dim=64, but this config gives 32"):
     evaluate.evaluate_workdir(other, small_run["workdir"])
 
 
 def test_baseline_is_cached_per_run(small_run):
-  record = evaluate.read_baseline(small_run["workdir"])
+  record = baselines.read_baseline(small_run["workdir"])
   assert record["key"]["train_rows"] == 1024 and record["key"]["held_out_rows"] == 64
   assert record["ridge_kind"] == "per_token"
-  run = evaluate.restore_run(small_run["config"], small_run["workdir"])
-  source, target, split = evaluate.held_out_raw(run)
+  config, run_dir = small_run["config"], small_run["workdir"]
+  _, data_dir, _, _, _ = evaluate.restore(config, run_dir)
+  source, target, split = evaluate.held_out_raw(config, data_dir)
   path = os.path.join(small_run["workdir"], "baseline.json")
   before = os.path.getmtime(path)
-  assert evaluate.run_baselines(run, source, target, split) == record["metrics"]
+  assert baselines.run_baselines(config, data_dir, run_dir, source, target,
+                                 split) == record["metrics"]
   assert os.path.getmtime(path) == before   # read from the cache, not refitted
 
 
 # ----------------------------------------------------------------------------- monitoring
 
 def test_training_logs_monitoring_every_log_every_steps(small_run):
-  rows = evaluate.read_metrics(small_run["workdir"])
+  rows = workdir.read_metrics(small_run["workdir"])
   train_rows = [r for r in rows if "train/loss" in r]
   assert [r["step"] for r in train_rows] == list(range(50, 401, 50))
   keys = ["train/grad_norm", "train/grad_norm_block00", "train/grad_norm_block01",

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, run_main
-from flowmap import Mapper, data, evaluate, mapper as mapper_lib, train
+from flowmap import Mapper, baselines, data, evaluate, export, metrics
+from flowmap.config import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +43,8 @@ def test_a_row_maps_alike_whatever_the_call_or_batch(mapper, validation):
 
 def test_mapped_features_are_close_to_the_target(mapper, validation, small_run):
   mapped = mapper.map(validation["source_enc"], steps=8, solver="heun")
-  cosine = evaluate.score(mapped, validation["target_enc"])["cosine_token"]
-  ridge = evaluate.read_baseline(small_run["workdir"])["metrics"]["baseline/ridge_cosine_token"]
+  cosine = metrics.score(mapped, validation["target_enc"])["cosine_token"]
+  ridge = baselines.read_baseline(small_run["workdir"])["metrics"]["baseline/ridge_cosine_token"]
   assert cosine > ridge
 
 
@@ -153,7 +154,7 @@ def test_map_dataset_adds_the_mapped_feature_and_resumes(small_run, mapper, vali
                                                          three_shard_input, tmp_path):
   out = str(tmp_path / "mapped")
   config = _map_config(small_run, three_shard_input, out)
-  result = mapper_lib.map_dataset(config, small_run["workdir"])
+  result = export.map_dataset(config, small_run["workdir"])
   assert result["map/rows"] == 64 and result["map/shards_written"] == 3
   assert result["map/shards_skipped"] == 0 and result["map/nonfinite_rows"] == 0
   assert result["map/cosine_token"] > 0.8
@@ -177,7 +178,7 @@ def test_map_dataset_adds_the_mapped_feature_and_resumes(small_run, mapper, vali
   row_of = {k: i for i, k in enumerate(feats["key"])}
   first = [row_of[k] for k in validation["key"][::3]]
   expected = mapper.map(validation["source_enc"][::3],
-                        seed=mapper_lib.shard_seed(config.seed, "validation", 0))
+                        seed=export.shard_seed(config.seed, "validation", 0))
   np.testing.assert_allclose(feats["target_enc_mapped"][first], expected, atol=2e-2,
                              rtol=2e-3)
 
@@ -185,7 +186,7 @@ def test_map_dataset_adds_the_mapped_feature_and_resumes(small_run, mapper, vali
   shard = os.path.join(out, data.shard_name("validation", 1, 3))
   before = data.load_features(out, "validation")["target_enc_mapped"]
   os.remove(shard)
-  again = mapper_lib.map_dataset(config, small_run["workdir"])
+  again = export.map_dataset(config, small_run["workdir"])
   assert again["map/shards_written"] == 1 and again["map/shards_skipped"] == 2
   assert again["map/rows"] == 21
   np.testing.assert_array_equal(data.load_features(out, "validation")["target_enc_mapped"],
@@ -194,18 +195,18 @@ def test_map_dataset_adds_the_mapped_feature_and_resumes(small_run, mapper, vali
 
 def test_map_dataset_refuses_bad_requests(small_run, three_shard_input, tmp_path):
   out = str(tmp_path / "mapped")
-  with pytest.raises(train.ConfigError, match="map.input"):
-    mapper_lib.map_dataset(_map_config(small_run, "", out), small_run["workdir"])
-  with pytest.raises(train.ConfigError, match="not a complete features dataset"):
-    mapper_lib.map_dataset(_map_config(small_run, str(tmp_path), out), small_run["workdir"])
-  with pytest.raises(train.ConfigError, match="train a run"):
-    mapper_lib.map_dataset(_map_config(small_run, three_shard_input, out), str(tmp_path))
+  with pytest.raises(ConfigError, match="map.input"):
+    export.map_dataset(_map_config(small_run, "", out), small_run["workdir"])
+  with pytest.raises(ConfigError, match="not a complete features dataset"):
+    export.map_dataset(_map_config(small_run, str(tmp_path), out), small_run["workdir"])
+  with pytest.raises(ConfigError, match="train a run"):
+    export.map_dataset(_map_config(small_run, three_shard_input, out), str(tmp_path))
   config = _map_config(small_run, three_shard_input, out)
   os.makedirs(out)
   with open(os.path.join(out, "map.json"), "w") as f:
     json.dump({"step": 1}, f)
-  with pytest.raises(train.ConfigError, match="different settings"):
-    mapper_lib.map_dataset(config, small_run["workdir"])
+  with pytest.raises(ConfigError, match="different settings"):
+    export.map_dataset(config, small_run["workdir"])
 
 
 def test_map_mode_on_the_command_line(small_run, three_shard_input, tmp_path):

@@ -14,6 +14,7 @@ import pytest
 from conftest import ROOT, run_main, tiny_config
 from flowmap import data as data_lib
 from flowmap import train
+from flowmap.config import ConfigError, NonFiniteError
 
 
 def read_jsonl(path):
@@ -104,7 +105,7 @@ def test_nan_stops_training_naming_the_step_and_keeps_the_last_checkpoint(
   poison(monkeypatch, {6})
   c = tiny_config(demo_data, steps=10)
   c.train.checkpoint_every = 5
-  with pytest.raises(train.NonFiniteError, match="at step 7; the last good checkpoint is step 5"):
+  with pytest.raises(NonFiniteError, match="at step 7; the last good checkpoint is step 5"):
     train.train_and_evaluate(c, str(tmp_path))
   assert checkpoint_steps(tmp_path) == [5]
 
@@ -124,7 +125,7 @@ def test_skip_nonfinite_stops_after_too_many_in_a_row(tmp_path, demo_data, monke
   c = tiny_config(demo_data, steps=20)
   c.train.skip_nonfinite = True
   c.train.max_nonfinite_in_a_row = 3
-  with pytest.raises(train.NonFiniteError, match="4 non-finite steps in a row"):
+  with pytest.raises(NonFiniteError, match="4 non-finite steps in a row"):
     train.train_and_evaluate(c, str(tmp_path))
 
 
@@ -160,7 +161,7 @@ def test_resuming_with_other_shapes_or_model_exits_2(tmp_path, demo_data):
   c = tiny_config(demo_data, steps=2)
   train.train_and_evaluate(c, str(tmp_path))
   c.model.dim = 32
-  with pytest.raises(train.ConfigError, match="model with dim=64"):
+  with pytest.raises(ConfigError, match="model.dim=64"):
     train.setup(c, str(tmp_path))
 
 

@@ -21,7 +21,7 @@ from jax.sharding import AbstractMesh, PartitionSpec as P
 
 from conftest import ROOT
 from flowmap import checkpoint as checkpoint_lib
-from flowmap import evaluate as evaluate_lib
+from flowmap import sampling
 from flowmap import model as model_lib
 from flowmap import sharding
 from flowmap import train
@@ -127,7 +127,7 @@ def _equations(jaxpr):
 
 def test_bf16_compute_runs_every_forward_matmul_in_bf16_with_dense_layers_accumulating_in_f32():
   graphdef, shapes, _, batch = _model_and_step("bfloat16")
-  velocity = evaluate_lib.make_velocity(graphdef)
+  velocity = sampling.make_velocity(graphdef)
   t = jax.ShapeDtypeStruct((8,), jnp.float32)
   closed = jax.make_jaxpr(velocity)(shapes["params"], batch["target"], t, batch["source"])
   dots = [e for e in _equations(closed.jaxpr) if e.primitive.name == "dot_general"]

@@ -60,7 +60,7 @@ def test_resuming_restores_into_shapes_without_building_a_fresh_state(tmp_path, 
 
   def setup(*args, **kwargs):
     run = real(*args, **kwargs)
-    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(run.state))
+    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(run.abstract_state))
     init = run.init
     run.init = lambda: built.append(1) or init()
     return run

@@ -1,0 +1,191 @@
+"""What a run leaves in its workdir, and reading it back.
+
+  config.json          the full configuration (data.dir resolved to where the data really is)
+  normalization.json   the run's spec: feature names and shapes, the model's shape-defining
+                       settings, and the normalisation statistics it was trained in
+  checkpoints/         orbax (flowmap.checkpoint)
+  metrics.jsonl        one JSON object per logging event
+  eval/<step>.json     every figure of one evaluation
+  baseline.json        the fitted baselines' figures, cached
+  plots/*.png          flowmap.plots
+
+Training, ``--mode eval``, ``--mode map`` and the Mapper all read a run through ``RunSpec``,
+and one check (``check_compatible``) decides whether a config may resume, evaluate or map
+with a workdir's checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Optional
+
+import ml_collections
+
+from flowmap import data as data_lib
+from flowmap import model as model_lib
+from flowmap import config as config_lib
+from flowmap.config import ConfigError, check_dataset
+from flowmap.fileio import read_json, write_json_atomic
+
+CONFIG_FILE = "config.json"
+SPEC_FILE = "normalization.json"
+# The model settings that give the weights their shapes and meaning: a checkpoint serves only
+# a config that resolves to the same values (a named size and explicit dims may say it
+# differently).
+MODEL_KEYS = ("dim", "depth", "heads", "kv_heads", "mlp_ratio", "aligned_conditioning")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+  """What a run is, whichever command opens it: the features, their shapes, the model and the
+  normalisation the weights live in."""
+  source: str
+  target: str
+  model_cfg: model_lib.ModelConfig
+  normalizers: dict          # role ("source", "target") -> data.Normalizer
+
+  @property
+  def source_shape(self) -> tuple:
+    return tuple(self.model_cfg.source_shape)
+
+  @property
+  def target_shape(self) -> tuple:
+    return tuple(self.model_cfg.target_shape)
+
+  def to_json(self) -> dict:
+    return {"source": self.source, "target": self.target,
+            "source_shape": list(self.source_shape), "target_shape": list(self.target_shape),
+            "model": {k: getattr(self.model_cfg, k) for k in MODEL_KEYS},
+            "source_normalizer": self.normalizers["source"].to_json(),
+            "target_normalizer": self.normalizers["target"].to_json()}
+
+
+def validate_config(config) -> None:
+  """Every value check of ``config`` (flowmap.config.validate, with the model's names)."""
+  config_lib.validate(config, model_lib.SIZES, model_lib.REMAT_POLICIES)
+
+
+def spec_from_config(config, stats: dict) -> RunSpec:
+  """The spec a config gives on a dataset (its stats.json): shapes and statistics from the
+  data, model settings from the config."""
+  shapes = {name: tuple(f["shape"]) for name, f in stats["features"].items()}
+  try:
+    model_cfg = model_lib.config_from(config.model, shapes[config.data.source],
+                                      shapes[config.data.target])
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  normalizers = {role: data_lib.Normalizer.from_stats(stats, config.data[role],
+                                                      config.data.normalize)
+                 for role in ("source", "target")}
+  return RunSpec(config.data.source, config.data.target, model_cfg, normalizers)
+
+
+def resolve_data(config, workdir: str) -> tuple[str, dict]:
+  """The dataset directory and its stats, checked against the config. An empty data.dir is
+  the demo: its synthetic dataset is written into ``<workdir>/data`` (process 0)."""
+  import jax
+  data_dir = config.data.dir
+  if not data_dir:
+    data_dir = os.path.join(workdir, "data")
+    if jax.process_index() == 0:
+      from flowmap import synthetic
+      s = config.data.synthetic
+      synthetic.write_demo_dataset(
+          data_dir, train_size=s.train_size, validation_size=s.validation_size,
+          seed=config.seed, grid=s.grid, source_dim=s.source_dim, target_dim=s.target_dim)
+    sync("synthetic-data")
+  if not os.path.isdir(data_dir):
+    raise ConfigError(f"data.dir {data_dir!r} does not exist; extract features into it "
+                      "with extract_features.py or leave data.dir empty for the demo")
+  try:
+    stats = data_lib.load_stats(data_dir)
+  except data_lib.DataError as e:
+    raise ConfigError(str(e)) from None
+  check_dataset(config, data_dir,
+                {name: tuple(f["shape"]) for name, f in stats["features"].items()})
+  return data_dir, stats
+
+
+def sync(name: str) -> None:
+  """A barrier across processes (nothing with one process)."""
+  import jax
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+# ----------------------------------------------------------------------------- reading back
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{workdir} is not a flowmap run (no {CONFIG_FILE})")
+  return ml_collections.ConfigDict(read_json(path))
+
+
+def read_spec_json(workdir: str) -> Optional[dict]:
+  path = os.path.join(workdir, SPEC_FILE)
+  return read_json(path) if os.path.exists(path) else None
+
+
+def read_spec(workdir: str, config=None) -> RunSpec:
+  """The spec a workdir's run was trained with (its config.json and normalization.json)."""
+  config = config if config is not None else read_config(workdir)
+  info = read_spec_json(workdir)
+  if info is None:
+    raise FileNotFoundError(f"{workdir} is not a flowmap run (no {SPEC_FILE})")
+  model_cfg = model_lib.config_from(config.model, info["source_shape"], info["target_shape"])
+  normalizers = {role: data_lib.Normalizer.from_json(info[f"{role}_normalizer"])
+                 for role in ("source", "target")}
+  return RunSpec(info["source"], info["target"], model_cfg, normalizers)
+
+
+def check_compatible(workdir: str, spec: RunSpec) -> None:
+  """A workdir's checkpoints serve only a run of the same features, shapes and model: resume,
+  --mode eval and --mode map all ask this one question. Silent when the workdir holds no
+  run yet."""
+  saved = read_spec_json(workdir)
+  if saved is None:
+    return
+  mine = spec.to_json()
+  for key in ("source", "target", "source_shape", "target_shape"):
+    if saved.get(key) != mine[key]:
+      raise ConfigError(f"{workdir} holds a run with data.{key}={saved.get(key)}, but this "
+                        f"config gives {mine[key]}; use the run's config or a new --workdir")
+  for key, value in mine["model"].items():
+    old = saved.get("model", {}).get(key, value)
+    if old != value:
+      raise ConfigError(f"{workdir} holds a run with model.{key}={old}, but this config "
+                        f"gives {value}; use the run's config or a new --workdir")
+  for role in ("source", "target"):
+    old = saved.get(f"{role}_normalizer", {}).get("kind")
+    new = mine[f"{role}_normalizer"]["kind"]
+    if old is not None and old != new:
+      raise ConfigError(f"{workdir} holds a run with data.normalize={old!r}, but this "
+                        f"config gives {new!r}; use the run's config or a new --workdir")
+
+
+def write_run_files(workdir: str, config, spec: RunSpec) -> None:
+  """config.json and normalization.json (process 0 only)."""
+  import jax
+  if jax.process_index() != 0:
+    return
+  write_json_atomic(os.path.join(workdir, CONFIG_FILE), json.loads(config.to_json_best_effort()))
+  write_json_atomic(os.path.join(workdir, SPEC_FILE), spec.to_json())
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def write_eval(workdir: str, step: int, record: dict) -> str:
+  os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
+  path = os.path.join(workdir, "eval", f"{step}.json")
+  write_json_atomic(path, {"step": int(step), **record})
+  return path
