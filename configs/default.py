@@ -17,6 +17,7 @@ def get_config():
   c.data.source = ""            # the stored feature to condition on
   c.data.target = ""            # the stored feature to generate
   c.data.normalize = "standardize"   # standardize | l2 | none
+  c.data.renormalize = False    # resume in the dataset's new statistics when they changed
   c.data.overfit_size = 0       # > 0: train and evaluate on the first N training examples
   c.data.source_shape = ml_collections.config_dict.placeholder(tuple)  # (tokens, dim)
   c.data.target_shape = ml_collections.config_dict.placeholder(tuple)

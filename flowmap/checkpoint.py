@@ -3,10 +3,16 @@
 Every process calls save (orbax coordinates the hosts and writes each shard once). Restore
 takes the abstract state with the shardings of the current mesh, so a checkpoint saved on 8
 devices restores on 1 and the reverse. A save in progress lives under a temporary name that
-orbax ignores, so a run killed mid-save resumes from the previous checkpoint; a finalised
-checkpoint that cannot be read (truncated or missing files) is moved aside to
-``checkpoints/corrupt/`` with a warning naming it, and the previous one is used. Nothing is
-deleted.
+orbax ignores, so a run killed mid-save resumes from the previous checkpoint.
+
+A restore that fails is judged before anything is touched. Only damage that is positively
+identified (files of that step missing or truncated: the storage layer's NOT_FOUND,
+OUT_OF_RANGE and DATA_LOSS errors on a file under the step's directory) moves the checkpoint
+aside to ``checkpoints/corrupt/`` and tries the previous one; nothing is deleted. Any other
+error (a transient filesystem error, memory, a state tree that changed with a library
+upgrade) stops the run and moves nothing. Once a workdir held checkpoints, training never
+starts afresh by itself. With several processes, every host reports its outcome and all take
+the worst one, so no host is left waiting in a barrier the others never reach.
 """
 
 from __future__ import annotations
@@ -17,8 +23,17 @@ import time
 from typing import Any, Optional
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+
+from flowmap.config import ConfigError
+
+# Outcomes of one restore attempt, ordered: every host acts on the largest any host saw.
+RESTORED, DAMAGED, FAILED = 0, 1, 2
+# Storage-layer status codes that mean "a file is not there, or shorter than it should be".
+DAMAGE_CODES = ("NOT_FOUND", "OUT_OF_RANGE", "DATA_LOSS")
+REQUIRED_FILES = ("_CHECKPOINT_METADATA", os.path.join("default", "_METADATA"))
 
 
 @dataclasses.dataclass
@@ -59,25 +74,58 @@ class Checkpointer:
     return step, state
 
   def restore_latest_valid(self, abstract_state: Any) -> tuple[Optional[int], Any]:
-    """The newest checkpoint that restores, or (None, None) when there is none."""
+    """The newest checkpoint that restores, or (None, None) when the workdir never held one.
+
+    Raises ConfigError, moving nothing, when a restore fails for any reason but identified
+    damage, and when every checkpoint turned out damaged."""
+    warned = False
     while True:
       step = self.latest_step()
       if step is None:
+        if self.quarantined():
+          raise ConfigError(
+              f"every checkpoint in {self.directory} is damaged (moved to "
+              f"{os.path.join(self.directory, 'corrupt')}); flowmap does not start a run over "
+              "by itself: to start over on purpose, move that checkpoints/ folder away or use "
+              "a new --workdir")
         return None, None
-      try:
-        return self.restore(abstract_state, step)
-      except Exception as e:  # orbax/tensorstore raise many types for damaged files
-        moved = self.quarantine(step)
-        logging.warning("checkpoint %d in %s cannot be restored (%s: %s); moved it to %s "
-                        "and trying the previous one", step, self.directory,
-                        type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "",
-                        moved)
-        print(f"flowmap: warning: checkpoint {step} is damaged ({type(e).__name__}); "
-              f"moved to {moved}, resuming from an earlier one", flush=True)
+      outcome, state, error = self._attempt(abstract_state, step)
+      outcome = agree(outcome)
+      if outcome == RESTORED:
+        return step, state
+      if outcome == FAILED:
+        reason = _first_line(error) if error is not None else "failed on another process"
+        raise ConfigError(
+            f"cannot restore checkpoint {step} in {self.directory}: {reason}; nothing was "
+            "moved or deleted (if the cause is transient, run the same command again)")
+      moved = self.quarantine(step)
+      if jax.process_index() == 0:
+        logging.warning("checkpoint %d in %s is damaged (%s); moved it to %s", step,
+                        self.directory, _first_line(error) if error else "", moved)
+        if not warned:
+          print(f"flowmap: warning: checkpoint {step} is damaged "
+                f"({_first_line(error)[:160] if error else 'on another process'}); moved to "
+                f"{moved}, resuming from an earlier one", flush=True)
+        warned = True
+      del state
+
+  def _attempt(self, abstract_state: Any, step: int):
+    """(outcome, state or None, exception or None) of restoring ``step`` on this process."""
+    step_dir = os.path.join(self.directory, str(step))
+    missing = [f for f in REQUIRED_FILES if not os.path.exists(os.path.join(step_dir, f))]
+    if missing:
+      return DAMAGED, None, FileNotFoundError(f"{missing[0]} is missing")
+    try:
+      return RESTORED, self.restore(abstract_state, step)[1], None
+    except Exception as e:  # judged below: only identified damage is treated as damage
+      return (DAMAGED if is_damage(e, step_dir) else FAILED), None, e
+
+  def quarantined(self) -> list[str]:
+    corrupt = os.path.join(self.directory, "corrupt")
+    return sorted(os.listdir(corrupt)) if os.path.isdir(corrupt) else []
 
   def quarantine(self, step: int) -> str:
     """Moves a damaged checkpoint out of orbax's sight (process 0), keeping its files."""
-    import jax
     src = os.path.join(self.directory, str(step))
     dst = os.path.join(self.directory, "corrupt", f"{step}.{int(time.time())}")
     if jax.process_index() == 0 and os.path.exists(src):
@@ -110,3 +158,27 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def is_damage(error: BaseException, step_dir: str) -> bool:
+  """True when ``error`` says that a file under ``step_dir`` is missing or truncated."""
+  text = str(error)
+  names_step = os.path.abspath(step_dir) in text
+  if isinstance(error, FileNotFoundError):
+    return names_step or (error.filename is not None and
+                          os.path.abspath(str(error.filename)).startswith(
+                              os.path.abspath(step_dir)))
+  return names_step and any(code in text for code in DAMAGE_CODES)
+
+
+def agree(outcome: int) -> int:
+  """The worst outcome over every process (this one's alone with one process)."""
+  if jax.process_count() == 1:
+    return outcome
+  from jax.experimental import multihost_utils
+  return int(np.max(multihost_utils.process_allgather(np.asarray(outcome, np.int32))))
+
+
+def _first_line(error: BaseException) -> str:
+  text = str(error).strip()
+  return f"{type(error).__name__}: {text.splitlines()[0][:300]}" if text else type(error).__name__

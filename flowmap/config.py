@@ -61,6 +61,15 @@ def validate(config, sizes, remat_policies) -> None:
                     f"got {c.eval.steps}")
   if c.eval.steps < 1:
     problems.append(f"eval.steps must be >= 1, got {c.eval.steps}")
+  if c.eval.batch_size <= 0:
+    problems.append(f"eval.batch_size must be positive, got {c.eval.batch_size}")
+  if not 0.0 <= c.flow.cond_dropout < 1.0:
+    problems.append(f"flow.cond_dropout must be in [0, 1), got {c.flow.cond_dropout}")
+  if not 0.0 <= c.train.ema_decay < 1.0:
+    problems.append(f"train.ema_decay must be in [0, 1), got {c.train.ema_decay}")
+  if c.eval.guidance != 1.0 and c.flow.cond_dropout == 0.0:
+    problems.append(f"eval.guidance={c.eval.guidance} needs the unconditional velocity, which "
+                    "a run learns only with flow.cond_dropout > 0; set eval.guidance=1")
   if c.flow.time_sampling not in TIME_SAMPLINGS:
     problems.append(f"flow.time_sampling must be one of {TIME_SAMPLINGS}")
   if c.model.size not in sizes:
@@ -71,12 +80,27 @@ def validate(config, sizes, remat_policies) -> None:
     problems.append(f"model.dtype must be float32, bfloat16 or float16, got {c.model.dtype!r}")
   if not c.data.source or not c.data.target:
     problems.append("data.source and data.target must name stored features")
+  for role in ("source", "target"):
+    try:
+      shape_or_none(c.data[f"{role}_shape"])
+    except ConfigError as e:
+      problems.append(f"data.{role}_shape: {e}")
   if problems:
     raise ConfigError("; ".join(problems))
 
 
-def shape_or_none(value) -> Optional[tuple[int, ...]]:
-  return None if value is None else tuple(int(v) for v in value)
+def shape_or_none(value) -> Optional[tuple[int, int]]:
+  """A (tokens, dim) shape from the config, or None when unset. On the command line
+  ``--config.data.source_shape=None`` unsets it (ml_collections turns that into (None,))."""
+  if value is None or (isinstance(value, (tuple, list)) and all(v is None for v in value)):
+    return None
+  try:
+    shape = tuple(int(v) for v in value)
+  except (TypeError, ValueError):
+    shape = ()
+  if len(shape) != 2 or min(shape) < 1:
+    raise ConfigError(f"a shape is (tokens, dim), two positive integers, or None; got {value!r}")
+  return shape
 
 
 def check_dataset(config, data_dir: str, shapes: dict) -> None:

@@ -22,6 +22,8 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from flowmap.config import ConfigError
+
 BATCH_AXES = ("data", "fsdp")
 FSDP_MIN_SIZE = 2 ** 14   # arrays with fewer elements are replicated: sharding them saves
                           # nothing and adds a collective
@@ -43,7 +45,7 @@ def initialize_distributed(coordinator: str = "", num_processes: int = 0,
     return
   if coordinator or num_processes > 1:
     if not coordinator or num_processes < 1 or not 0 <= process_id < num_processes:
-      raise ValueError(
+      raise ConfigError(
           "multi-process start needs all of --coordinator_address=HOST:PORT, "
           f"--num_processes=N and --process_id in [0, N); got {coordinator!r}, "
           f"{num_processes}, {process_id}")
@@ -72,14 +74,15 @@ def _slurm_node_gpus() -> Optional[list[int]]:
 def mesh_shape(mesh_cfg, device_count: int) -> tuple[int, int]:
   data, fsdp = int(mesh_cfg.data), int(mesh_cfg.fsdp)
   if fsdp == -1 and data == -1:
-    raise ValueError("mesh.data and mesh.fsdp cannot both be -1")
+    raise ConfigError("mesh.data and mesh.fsdp cannot both be -1")
   if fsdp == -1:
     fsdp = device_count // data if data > 0 else 0
   if data == -1:
     data = device_count // fsdp if fsdp > 0 else 0
   if data < 1 or fsdp < 1 or data * fsdp != device_count:
-    raise ValueError(f"mesh data={mesh_cfg.data} x fsdp={mesh_cfg.fsdp} does not cover the "
-                     f"{device_count} devices")
+    raise ConfigError(f"mesh.data={mesh_cfg.data} x mesh.fsdp={mesh_cfg.fsdp} does not cover "
+                      f"the {device_count} devices: their product must equal the device count "
+                      "(-1 takes what the other axis leaves)")
   return data, fsdp
 
 
@@ -96,8 +99,8 @@ def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
                        axis_types=(jax.sharding.AxisType.Auto,) * 2)
   owners = [d.process_index for d in mesh.devices.flat]
   if owners != sorted(owners):
-    raise ValueError(f"the mesh does not give each process a contiguous block of devices "
-                     f"(process of each mesh position: {owners})")
+    raise ConfigError(f"the mesh does not give each process a contiguous block of devices "
+                      f"(process of each mesh position: {owners})")
   return mesh
 
 

@@ -327,13 +327,13 @@ def setup(config, workdir: str) -> TrainSetup:
   spec = workdir_lib.spec_from_config(config, stats)
   checkpointer = checkpoint_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
   if checkpointer.latest_step() is not None:
-    workdir_lib.check_compatible(workdir, spec)
+    spec = workdir_lib.resumed_spec(config, workdir, spec)
   tx = make_optimizer(config)
   # Shapes only: a resumed run restores straight into its shardings, so the state is never
   # held twice; a new run creates it in train_and_evaluate.
   graphdef, init, shapes = abstract_state(spec.model_cfg, tx, config.seed)
   shardings = sharding.state_shardings(shapes, mesh)
-  workdir_lib.write_run_files(workdir, config, spec)
+  workdir_lib.write_run_files(workdir, config, data_dir, spec)
   return TrainSetup(config, workdir, mesh, data_dir, spec, graphdef, tx,
                     sharding.placed(shapes, mesh), shardings, checkpointer, init)
 

@@ -22,6 +22,7 @@ import os
 from typing import Optional
 
 import ml_collections
+import numpy as np
 
 from flowmap import data as data_lib
 from flowmap import model as model_lib
@@ -167,12 +168,47 @@ def check_compatible(workdir: str, spec: RunSpec) -> None:
                         f"config gives {new!r}; use the run's config or a new --workdir")
 
 
-def write_run_files(workdir: str, config, spec: RunSpec) -> None:
-  """config.json and normalization.json (process 0 only)."""
+def same_statistics(a: RunSpec, b: RunSpec) -> bool:
+  """Whether two specs normalise every feature alike (to float32 round-off)."""
+  for role in ("source", "target"):
+    x, y = a.normalizers[role].to_json(), b.normalizers[role].to_json()
+    for key in ("mean", "std"):
+      if (x[key] is None) != (y[key] is None) or (
+          x[key] is not None and not np.allclose(x[key], y[key], rtol=1e-5, atol=1e-7)):
+        return False
+    if not np.isclose(x["mean_norm"], y["mean_norm"], rtol=1e-5):
+      return False
+  return True
+
+
+def resumed_spec(config, workdir: str, spec: RunSpec) -> RunSpec:
+  """The spec a resumed run continues with: the stored one, whose statistics its weights
+  were trained in. A dataset whose statistics changed (re-extracted under the same names and
+  shapes) is refused unless ``data.renormalize`` asks to continue in the new ones."""
+  check_compatible(workdir, spec)
+  if read_spec_json(workdir) is None:
+    return spec
+  stored = read_spec(workdir, config)
+  if same_statistics(stored, spec):
+    return stored
+  if config.data.renormalize:
+    return spec
+  raise ConfigError(
+      f"the normalisation statistics of {config.data.source!r}/{config.data.target!r} in this "
+      f"dataset differ from those {workdir} was trained in (normalization.json): the data "
+      "was re-extracted or changed. Resume on the original dataset, or set "
+      "--config.data.renormalize=True to continue in the new statistics")
+
+
+def write_run_files(workdir: str, config, data_dir: str, spec: RunSpec) -> None:
+  """config.json (with data.dir resolved to where the data is) and normalization.json
+  (process 0 only)."""
   import jax
   if jax.process_index() != 0:
     return
-  write_json_atomic(os.path.join(workdir, CONFIG_FILE), json.loads(config.to_json_best_effort()))
+  record = json.loads(config.to_json_best_effort())
+  record["data"]["dir"] = os.path.abspath(data_dir)
+  write_json_atomic(os.path.join(workdir, CONFIG_FILE), record)
   write_json_atomic(os.path.join(workdir, SPEC_FILE), spec.to_json())
 
 

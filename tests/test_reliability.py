@@ -36,24 +36,38 @@ def checkpoint_steps(workdir):
 
 
 @pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, demo_data):
+def test_sigterm_saves_exits_75_and_the_batch_script_requeues(tmp_path, demo_data):
+  """slurm/train.sbatch as SLURM runs it (srun and scontrol stand-ins on PATH): SIGTERM, as
+  --signal=TERM@300 sends it, makes main.py save a checkpoint at the current step and exit
+  with 75, and the script then asks SLURM to requeue the job."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  (bin_dir / "srun").write_text('#!/bin/bash\nexec "$@"\n')
+  (bin_dir / "scontrol").write_text(f'#!/bin/bash\necho "$@" >> {tmp_path / "scontrol.log"}\n')
+  for f in ("srun", "scontrol"):
+    os.chmod(bin_dir / f, 0o755)
   workdir = tmp_path / "run"
-  proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py"),
+  env = dict(os.environ, PATH=f"{bin_dir}:{os.path.dirname(sys.executable)}:"
+                              f"{os.environ['PATH']}", SLURM_JOB_ID="4242")
+  proc = subprocess.Popen(["bash", os.path.join(ROOT, "slurm", "train.sbatch"),
                            *small_args(workdir, demo_data, 100000)],
-                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
   deadline = time.time() + 240
   while time.time() < deadline:   # wait until training is under way
     if (workdir / "metrics.jsonl").exists():
       break
     time.sleep(0.5)
-  proc.send_signal(signal.SIGTERM)
+  children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
+  os.kill(int(children.stdout.split()[0]), signal.SIGTERM)   # main.py, as SLURM signals it
   out, err = proc.communicate(timeout=120)
-  assert proc.returncode == 0, err[-2000:]
+  assert proc.returncode == 75, err[-2000:]
   assert "stopped by SIGTERM at step" in err and "run the same command again" in err
   saved = checkpoint_steps(workdir)
   assert len(saved) == 1 and 5 <= saved[0] < 100000
   stopped_at = int(err.split("stopped by SIGTERM at step ")[1].split(";")[0])
   assert saved[0] == stopped_at
+  assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
 
 
 def damage(step_dir, how):
@@ -70,22 +84,104 @@ def damage(step_dir, how):
         os.remove(path)
 
 
-@pytest.mark.parametrize("how", ["truncate", "missing"])
-def test_damaged_newest_checkpoint_is_skipped_for_the_previous_one(tmp_path, demo_data, how,
-                                                                   capsys):
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory, demo_data):
+  """A run of 10 steps with checkpoints 5 and 10; tests copy it and damage or break it."""
+  path = tmp_path_factory.mktemp("two_checkpoints")
   c = tiny_config(demo_data, steps=10)
   c.train.checkpoint_every = 5
-  train.train_and_evaluate(c, str(tmp_path))
-  assert checkpoint_steps(tmp_path) == [5, 10]
-  damage(tmp_path / "checkpoints" / "10", how)
+  train.train_and_evaluate(c, str(path))
+  assert checkpoint_steps(path) == [5, 10]
+  return c, path
+
+
+def copy_of(two_checkpoints, tmp_path):
+  import shutil
+  c, path = two_checkpoints
+  shutil.copytree(path, tmp_path, dirs_exist_ok=True)
+  c = c.copy_and_resolve_references()
   c.train.steps = 12
+  return c
+
+
+@pytest.mark.parametrize("how", ["truncate", "missing"])
+def test_damaged_newest_checkpoint_is_skipped_for_the_previous_one(two_checkpoints, tmp_path,
+                                                                   how, capsys):
+  c = copy_of(two_checkpoints, tmp_path)
+  damage(tmp_path / "checkpoints" / "10", how)
   train.train_and_evaluate(c, str(tmp_path))
   out = capsys.readouterr().out
   assert "checkpoint 10 is damaged" in out and "resuming from step 5" in out
+  assert out.count("flowmap: warning:") == 1
   assert checkpoint_steps(tmp_path) == [5, 10, 12]   # 10 saved anew from the resumed run
   assert os.listdir(tmp_path / "checkpoints" / "corrupt")   # kept, not deleted
   steps = [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl") if "train/loss" in r]
   assert steps == [5, 10, 10, 12]   # second run: resumed at 5, logged at 10 and the end
+
+
+@pytest.mark.parametrize("error", [OSError(5, "Input/output error"),
+                                   MemoryError("RESOURCE_EXHAUSTED: out of memory"),
+                                   ValueError("User-provided restore item and on-disk value "
+                                              "metadata tree structures do not match")])
+def test_a_restore_error_that_is_not_damage_stops_and_moves_nothing(two_checkpoints, tmp_path,
+                                                                     monkeypatch, error):
+  """A transient filesystem error, memory, or a state tree that changed with a library
+  upgrade is not damage: the run stops naming the step and the error; no checkpoint is moved
+  and training does not start over."""
+  from flowmap import checkpoint as checkpoint_lib
+  c = copy_of(two_checkpoints, tmp_path)
+  before = read_jsonl(tmp_path / "metrics.jsonl")
+
+  def failing(self, abstract_state, step=None):
+    raise error
+  monkeypatch.setattr(checkpoint_lib.Checkpointer, "restore", failing)
+  with pytest.raises(ConfigError, match=r"cannot restore checkpoint 10 in .*: "
+                                        rf"{type(error).__name__}: .*nothing was moved"):
+    train.train_and_evaluate(c, str(tmp_path))
+  assert checkpoint_steps(tmp_path) == [5, 10]
+  assert not (tmp_path / "checkpoints" / "corrupt").exists()
+  assert read_jsonl(tmp_path / "metrics.jsonl") == before   # not one step trained
+
+
+def test_every_checkpoint_damaged_stops_instead_of_starting_over(two_checkpoints, tmp_path):
+  c = copy_of(two_checkpoints, tmp_path)
+  for step in (5, 10):
+    damage(tmp_path / "checkpoints" / str(step), "missing")
+  with pytest.raises(ConfigError, match="every checkpoint in .* is damaged .* to start over on "
+                                        "purpose"):
+    train.train_and_evaluate(c, str(tmp_path))
+  assert checkpoint_steps(tmp_path) == []
+  assert len(os.listdir(tmp_path / "checkpoints" / "corrupt")) == 2   # both kept
+  # And again: a workdir that held checkpoints never falls back to a fresh start.
+  with pytest.raises(ConfigError, match="every checkpoint"):
+    train.train_and_evaluate(c, str(tmp_path))
+
+
+def test_every_host_takes_the_worst_restore_outcome(monkeypatch):
+  """With several processes the outcome is agreed before anyone acts: one host that failed
+  makes all stop, one that found damage makes all move on to the previous checkpoint."""
+  import jax
+  from jax.experimental import multihost_utils
+  from flowmap import checkpoint as checkpoint_lib
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  for others, expected in (([0, 0], checkpoint_lib.RESTORED), ([0, 1], checkpoint_lib.DAMAGED),
+                           ([1, 2], checkpoint_lib.FAILED)):
+    monkeypatch.setattr(multihost_utils, "process_allgather",
+                        lambda x, others=others: np.asarray(others))
+    assert checkpoint_lib.agree(checkpoint_lib.RESTORED) == expected
+
+
+def test_damage_is_identified_only_from_errors_about_the_steps_files(tmp_path):
+  from flowmap.checkpoint import is_damage
+  step = str(tmp_path / "checkpoints" / "10")
+  assert is_damage(ValueError(f'OUT_OF_RANGE: Error reading local file "{step}/default/d/ab"'),
+                   step)
+  assert is_damage(ValueError(f'NOT_FOUND: Error reading local file "{step}/d/ab"'), step)
+  assert is_damage(FileNotFoundError(f"Individual parameter subdirectory not found at path: "
+                                     f"{step}/default/params.b."), step)
+  assert not is_damage(ValueError("NOT_FOUND: /elsewhere/file"), step)
+  assert not is_damage(OSError(5, "Input/output error"), step)
+  assert not is_damage(ValueError(f"tree structures do not match ({step})"), step)
 
 
 def poison(monkeypatch, bad_steps):
@@ -163,6 +259,34 @@ def test_resuming_with_other_shapes_or_model_exits_2(tmp_path, demo_data):
   c.model.dim = 32
   with pytest.raises(ConfigError, match="model.dim=64"):
     train.setup(c, str(tmp_path))
+
+
+def test_resume_keeps_the_stored_normalisation_and_refuses_changed_statistics(tmp_path,
+                                                                               demo_data):
+  """A re-extracted dataset (same names and shapes, new statistics) must not silently change
+  the space the weights were trained in."""
+  import shutil
+  data_dir = tmp_path / "data"
+  shutil.copytree(demo_data, data_dir)
+  c = tiny_config(str(data_dir), steps=2)
+  train.train_and_evaluate(c, str(tmp_path / "run"))
+  spec_path = tmp_path / "run" / "normalization.json"
+  stored = json.loads(spec_path.read_text())
+  stats = json.loads((data_dir / "stats.json").read_text())
+  stats["features"]["target_enc"]["mean"] = [m + 1.0 for m in
+                                             stats["features"]["target_enc"]["mean"]]
+  (data_dir / "stats.json").write_text(json.dumps(stats))
+  c.train.steps = 3
+  with pytest.raises(ConfigError, match="differ from those .* was trained in .*renormalize"):
+    train.train_and_evaluate(c, str(tmp_path / "run"))
+  assert json.loads(spec_path.read_text()) == stored   # untouched
+  c.data.renormalize = True
+  train.train_and_evaluate(c, str(tmp_path / "run"))
+  renewed = json.loads(spec_path.read_text())["target_normalizer"]["mean"]
+  np.testing.assert_allclose(renewed, np.asarray(stored["target_normalizer"]["mean"]) + 1.0,
+                             rtol=1e-5)
+  config = json.loads((tmp_path / "run" / "config.json").read_text())
+  assert config["data"]["dir"] == str(data_dir)   # the resolved path, as used
 
 
 def test_limits_beyond_the_split_mean_the_whole_split(demo_data):
