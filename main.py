@@ -97,8 +97,11 @@ def main(argv):
     print(f"flowmap: {e}", file=sys.stderr)
     sys.exit(EXIT_PREEMPTED)
   if jax.process_index() == 0 and results:
-    print(" ".join(f"{k}={v:.4f}" for k, v in results.items()
-                   if isinstance(v, float) and not k.startswith("eval/raw_")))
+    if any(k.startswith("eval/") for k in results):
+      from flowmap import plots
+      print(plots.summary(results, config.eval.mode))
+    else:
+      print(" ".join(f"{k}={v:.4f}" for k, v in results.items() if isinstance(v, float)))
     print(f"workdir: {os.path.abspath(workdir)}")
 
 

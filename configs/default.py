@@ -76,6 +76,11 @@ def get_config():
   c.eval.solver = "heun"        # euler | heun
   c.eval.steps = 8              # model evaluations per sample in the periodic evaluation
   c.eval.guidance = 1.0         # classifier-free guidance scale (1 = off)
+  c.eval.mode = "sample"        # sample | mean: the output that eval/* scores (both are
+                                # reported under eval/sample/* and eval/mean/*)
+  c.eval.mean_draws = 4         # the mean: one-step estimates from this many noise draws,
+                                # averaged (that many model evaluations)
+  c.eval.num_samples = 4        # samples per image for the energy score in --mode eval
   c.eval.batch_size = 128
   c.eval.baseline_rows = 2048   # training rows the ridge baseline is fitted on (cached)
   c.eval.sweep_solvers = ("euler", "heun")                 # --mode eval sweeps these
@@ -89,6 +94,7 @@ def get_config():
   c.map = ml_collections.ConfigDict()
   c.map.input = ""
   c.map.output = ""
+  c.map.mode = "sample"         # sample | mean (see eval.mode)
   c.map.suffix = "_mapped"      # the mapped feature is stored as <data.target><suffix>
   c.map.batch_size = 256
   c.map.ema = True              # False: map with the raw (non-EMA) weights

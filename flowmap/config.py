@@ -30,6 +30,7 @@ NORMALIZATIONS = ("standardize", "l2", "none")
 SOLVERS = ("euler", "heun")
 TIME_SAMPLINGS = ("uniform", "logit_normal", "shifted")
 DTYPES = ("float32", "bfloat16", "float16")
+MODES = ("sample", "mean")   # a sample of p(target | source), or an estimate of its mean
 
 
 def validate(config, sizes, remat_policies) -> None:
@@ -61,6 +62,15 @@ def validate(config, sizes, remat_policies) -> None:
                     f"got {c.eval.steps}")
   if c.eval.steps < 1:
     problems.append(f"eval.steps must be >= 1, got {c.eval.steps}")
+  if c.eval.mode not in MODES:
+    problems.append(f"eval.mode must be one of {MODES}, got {c.eval.mode!r}")
+  if c.map.mode not in MODES:
+    problems.append(f"map.mode must be one of {MODES}, got {c.map.mode!r}")
+  if c.eval.mean_draws < 1:
+    problems.append(f"eval.mean_draws must be >= 1, got {c.eval.mean_draws}")
+  if c.eval.num_samples < 2:
+    problems.append(f"eval.num_samples must be >= 2 (the energy score compares samples), "
+                    f"got {c.eval.num_samples}")
   if c.eval.batch_size <= 0:
     problems.append(f"eval.batch_size must be positive, got {c.eval.batch_size}")
   if not 0.0 <= c.flow.cond_dropout < 1.0:

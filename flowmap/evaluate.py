@@ -23,7 +23,7 @@ from flowmap import sampling
 from flowmap import sharding
 from flowmap import workdir as workdir_lib
 from flowmap.config import ConfigError
-from flowmap.metrics import score
+from flowmap.metrics import Metrics
 
 
 class Evaluator:
@@ -37,7 +37,7 @@ class Evaluator:
 
   def __init__(self, graphdef, mesh, source: np.ndarray, target_raw: np.ndarray,
                target_normalizer, batch_size: int, seed: int,
-               baseline: Optional[dict] = None):
+               baseline: Optional[dict] = None, mean_draws: int = 4):
     self.graphdef, self.mesh = graphdef, mesh
     self.source = np.asarray(source, np.float32)
     self.target_raw = np.asarray(target_raw, np.float32)
@@ -45,6 +45,7 @@ class Evaluator:
     n_dev = mesh.devices.size   # batches: a multiple of the devices, no larger than needed
     self.batch_size = -(-min(batch_size, max(len(self.source), 1)) // n_dev) * n_dev
     self.seed = seed
+    self.mean_draws = mean_draws
     self.baseline = dict(baseline or {})
     self.target_shape = self.target_raw.shape[1:]
     self._samplers = {}
@@ -54,11 +55,13 @@ class Evaluator:
   def num_images(self) -> int:
     return len(self.source)
 
-  def sampler(self, solver: str, evaluations: int, guidance: float):
-    key = (solver, evaluations, float(guidance))
+  def sampler(self, solver: str, evaluations: int, guidance: float, mode: str = "sample",
+              draw: int = 0):
+    key = (solver, evaluations, float(guidance), mode, draw)
     if key not in self._samplers:
-      self._samplers[key] = sampling.make_row_sampler(self.graphdef, self.target_shape,
-                                                      solver, evaluations, guidance)
+      self._samplers[key] = sampling.make_row_sampler(
+          self.graphdef, self.target_shape, solver, evaluations, guidance, mode, draw,
+          self.mean_draws)
     return self._samplers[key]
 
   def _batches(self, *arrays):
@@ -84,18 +87,26 @@ class Evaluator:
     from jax.experimental import multihost_utils
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
-  def generate(self, params, solver: str, evaluations: int, guidance: float = 1.0) -> np.ndarray:
-    """Raw-space samples for every held-out row."""
-    fn = self.sampler(solver, evaluations, guidance)
+  def generate(self, params, solver: str, evaluations: int, guidance: float = 1.0,
+               mode: str = "sample", samples: int = 1):
+    """(rows, raw generated [rows, *target] or [rows, samples, *target]) batch by batch."""
+    fns = [self.sampler(solver, evaluations, guidance, mode, draw) for draw in range(samples)]
     seed = np.int32(self.seed)
-    out = []
-    for rows, (src,), idx in self._batches(self.source):
-      gen = self._gather(fn(params, self._shard(src), self._shard(idx), seed))
-      out.append(gen[:rows])
-    return np.asarray(self.normalizer.decode(np.concatenate(out)), np.float32)
+    for start, (rows, (src,), idx) in zip(range(0, self.num_images, self.batch_size),
+                                          self._batches(self.source)):
+      src, idx = self._shard(src), self._shard(idx)
+      draws = [self._gather(fn(params, src, idx, seed))[:rows] for fn in fns]
+      gen = draws[0] if samples == 1 else np.stack(draws, 1)
+      yield start, np.asarray(self.normalizer.decode(gen), np.float32)
 
-  def evaluate(self, params, solver: str, evaluations: int, guidance: float = 1.0) -> dict:
-    return score(self.generate(params, solver, evaluations, guidance), self.target_raw)
+  def evaluate(self, params, solver: str, evaluations: int, guidance: float = 1.0,
+               mode: str = "sample", samples: int = 1) -> dict:
+    """Every metric of the held-out rows, accumulated batch by batch (one batch in float64
+    at a time). ``samples`` > 1 draws that many samples per row, for the energy score."""
+    m = Metrics()
+    for start, gen in self.generate(params, solver, evaluations, guidance, mode, samples):
+      m.add(gen, self.target_raw[start:start + len(gen)])
+    return m.result()
 
   def velocity_cosine(self, params) -> float:
     """Mean over every held-out row, with t and noise of row i fixed by (seed, i)."""
@@ -110,45 +121,57 @@ class Evaluator:
 
   def sweep(self, params, solvers: Sequence[str], evaluations: Sequence[int],
             guidances: Sequence[float] = (1.0,)) -> list[dict]:
-    """Every metric per (solver, model evaluations, guidance). Heun spends two evaluations a
-    step, so odd counts are Heun-less; a guided evaluation runs the model on a doubled batch
-    (``model_passes`` counts that)."""
+    """Every metric per (solver, model evaluations, guidance), samples, and the mean mode
+    (``mean_draws`` one-step estimates averaged) per guidance. Heun spends two evaluations
+    a step, so odd counts are Heun-less; a guided evaluation runs the model on a doubled
+    batch (``model_passes``)."""
     rows = []
     for guidance in guidances:
+      passes = 1 if guidance == 1.0 else 2
+      rows.append({"mode": "mean", "solver": "euler", "evaluations": self.mean_draws,
+                   "guidance": float(guidance), "model_passes": self.mean_draws * passes,
+                   **self.evaluate(params, "euler", 1, guidance, "mean")})
       for solver in solvers:
         for n in evaluations:
           if solver == "heun" and n % 2:
             continue
           m = self.evaluate(params, solver, int(n), guidance)
-          rows.append({"solver": solver, "evaluations": int(n), "guidance": float(guidance),
-                       "model_passes": int(n) * (1 if guidance == 1.0 else 2), **m})
+          rows.append({"mode": "sample", "solver": solver, "evaluations": int(n),
+                       "guidance": float(guidance), "model_passes": int(n) * passes, **m})
     return rows
-
 
   # -- the periodic evaluation of training
 
   def run(self, config, workdir: str, weights: dict, step: int) -> dict:
-    """EMA and raw weights (``weights``: {"ema", "params"}) with the configured solver, their
-    velocity cosines, and the baselines' cosines; writes every figure to eval/<step>.json."""
+    """The periodic evaluation: EMA and raw weights in the configured output mode
+    (``eval.mode``: ``eval/*``, ``eval/raw_*``), the EMA weights in both modes
+    (``eval/sample/*``, ``eval/mean/*``), their velocity cosines, and the baselines; writes
+    every figure to eval/<step>.json."""
     c = config.eval
     results = self.weighed(config, weights)
-    for name in ("ridge", "mean"):
-      for k in ("cosine_token", "cosine_global"):
-        key = f"baseline/{name}_{k}"
-        if key in self.baseline:
-          results[key] = self.baseline[key]
+    for label, params in _labelled(weights)[:1]:
+      for mode in sampling.MODES:
+        figures = (self.evaluate(params, c.solver, c.steps, c.guidance, mode)
+                   if mode != c.mode else
+                   {k[len("eval/"):]: v for k, v in results.items()
+                    if k.startswith("eval/") and not k.startswith("eval/raw_")})
+        for k, v in figures.items():
+          if k != "velocity_cosine":
+            results[f"eval/{mode}/{k}"] = v
+    results.update(self.baseline)
     if jax.process_index() == 0:
       workdir_lib.write_eval(workdir, step, {
-          "solver": c.solver, "evaluations": c.steps, "guidance": c.guidance,
-          "num_images": self.num_images, **results, **self.baseline})
+          "mode": c.mode, "solver": c.solver, "evaluations": c.steps, "guidance": c.guidance,
+          "num_images": self.num_images, **results})
     return results
 
   def weighed(self, config, weights: dict) -> dict:
-    """The configured solver's figures and the velocity cosine, for EMA and raw weights."""
+    """The configured mode and solver's figures and the velocity cosine (in the model's
+    normalised space), for EMA (``eval/*``) and raw weights (``eval/raw_*``)."""
     c = config.eval
     results = {}
     for label, params in _labelled(weights):
-      for k, v in self.evaluate(params, c.solver, c.steps, c.guidance).items():
+      for k, v in self.evaluate(params, c.solver, c.steps, c.guidance, c.mode).items():
         results[_prefix(label) + k] = v
       results[_prefix(label) + "velocity_cosine"] = self.velocity_cosine(params)
     return results
@@ -180,7 +203,8 @@ def make_evaluator(config, workdir: str, data_dir: str, spec, graphdef, mesh) ->
   baseline = baselines_lib.run_baselines(config, data_dir, workdir, source, target, split)
   normalised = np.asarray(spec.normalizers["source"].encode(source), np.float32)
   return Evaluator(graphdef, mesh, normalised, target, spec.normalizers["target"],
-                   config.eval.batch_size, seed=config.seed + 1_000_003, baseline=baseline)
+                   config.eval.batch_size, seed=config.seed + 1_000_003, baseline=baseline,
+                   mean_draws=config.eval.mean_draws)
 
 
 # ----------------------------------------------------------------------------- --mode eval
@@ -232,15 +256,21 @@ def evaluate_workdir(config, workdir: str, step: Optional[int] = None) -> dict:
   c = config.eval
   evaluator = make_evaluator(config, workdir, data_dir, spec, graphdef, mesh)
   results = evaluator.weighed(config, state)
+  # Both output modes of the EMA weights, the samples with several draws per row for the
+  # energy score and the spread-skill ratio.
+  for mode in sampling.MODES:
+    figures = evaluator.evaluate(state["ema"], c.solver, c.steps, c.guidance, mode,
+                                 samples=c.num_samples if mode == "sample" else 1)
+    results.update({f"eval/{mode}/{k}": v for k, v in figures.items()})
   sweep = []
   guidances = sweep_guidances(config)
   for label, params in _labelled(state):
     for row in evaluator.sweep(params, list(c.sweep_solvers),
                                [int(n) for n in c.sweep_evaluations], guidances):
       sweep.append({"weights": label, **row})
-  record = {"solver": c.solver, "evaluations": c.steps, "guidance": c.guidance,
-            "num_images": evaluator.num_images, **results, **evaluator.baseline,
-            "sweep": sweep}
+  record = {"mode": c.mode, "solver": c.solver, "evaluations": c.steps,
+            "guidance": c.guidance, "num_images": evaluator.num_images, **results,
+            **evaluator.baseline, "sweep": sweep}
   try:
     base = baselines_lib.read_baseline(workdir)
     record.update(ridge_kind=base["ridge_kind"], ridge_alpha=base["ridge_alpha"],
@@ -254,6 +284,4 @@ def evaluate_workdir(config, workdir: str, step: Optional[int] = None) -> dict:
       plots.plot_training(workdir)
     print(plots.format_table(step, record))
     print(f"wrote {path} and {plot}")
-  return {**results, **{f"baseline/{name}_cosine_token":
-                        evaluator.baseline[f"baseline/{name}_cosine_token"]
-                        for name in ("ridge", "mean")}}
+  return {**results, **evaluator.baseline}

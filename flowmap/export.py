@@ -71,7 +71,8 @@ def _map_record(config, workdir: str, mapper: Mapper, out_name: str) -> dict:
   e = config.eval
   return {"workdir": os.path.abspath(workdir), "step": mapper.step,
           "weights": "ema" if mapper.ema else "raw", "source": mapper.source,
-          "target": mapper.target, "feature": out_name, "solver": e.solver,
+          "target": mapper.target, "feature": out_name, "mode": config.map.mode,
+          "solver": e.solver,
           "evaluations": int(e.steps), "guidance": float(e.guidance), "seed": int(config.seed),
           "input": os.path.abspath(config.map.input)}
 
@@ -147,6 +148,7 @@ def map_dataset(config, workdir: str) -> dict:
         # Rows are numbered from the shard's start: the noise is a function of
         # (shard, row), however the shard is read in batches.
         mapped = mapper.map(batch[mapper.source], seed=seed, first_row=offset,
+                            mode=m.mode,
                             batch_size=m.batch_size)
         offset += n
         if mapper.target in batch:

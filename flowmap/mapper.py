@@ -83,11 +83,13 @@ class Mapper:
             f"step {self.step}, {'EMA' if self.ema else 'raw'} weights, "
             f"{self.mesh.devices.size} device(s))")
 
-  def _sampler(self, solver: str, evaluations: int, guidance: float):
-    key = (solver, evaluations, guidance)
+  def _sampler(self, solver: str, evaluations: int, guidance: float, mode: str = "sample",
+               draw: int = 0):
+    key = (solver, evaluations, guidance, mode, draw)
     if key not in self._samplers:
       self._samplers[key] = sampling.make_row_sampler(
-          self.graphdef, self.target_shape, solver, evaluations, guidance)
+          self.graphdef, self.target_shape, solver, evaluations, guidance, mode, draw,
+          int(self.config.eval.get("mean_draws", 4)))
     return self._samplers[key]
 
   def check_guidance(self, guidance: float) -> None:
@@ -97,21 +99,32 @@ class Mapper:
 
   def map(self, x, steps: Optional[int] = None, solver: Optional[str] = None,
           guidance: Optional[float] = None, seed: int = 0, batch_size: int = 256,
-          first_row: int = 0) -> np.ndarray:
+          first_row: int = 0, mode: str = "sample", num_samples: int = 1):
     """Raw target features [n, *target_shape] (float32) for raw source features
     [n, *source_shape] (one [*source_shape] row gives one [*target_shape] row).
 
-    ``steps`` counts model evaluations, as ``eval.steps`` does (heun: 2 per step, so even);
-    ``steps``, ``solver`` and ``guidance`` default to the run's ``eval`` config. The noise of
-    row i depends only on (seed, first_row + i), so mapping an array in pieces (passing
-    each piece's ``first_row``) equals mapping it whole; ``batch_size`` only trades memory
-    for speed. Each batch shape compiles once and is reused.
+    ``mode``: ``sample`` (default), a sample of the target given the source, the ODE solution
+    from noise; or ``mean``, an estimate of E[target | source] (``eval.mean_draws`` one-step
+    estimates averaged). Pointwise figures (cosine, MSE, retrieval) favour the mean; use
+    samples where the spread of real features matters.
+    ``steps`` counts model evaluations of a sample, as ``eval.steps`` does (heun: 2 per
+    step, so even); ``steps``, ``solver`` and ``guidance`` default to the run's ``eval``
+    config. ``num_samples`` = K > 1 returns ``(samples [n, K, *target_shape], spread [n,
+    tokens])``: K samples per row and, per token, the RMS over dims of their standard
+    deviation, in the raw target space: tokens a downstream model should not trust spread
+    most. The noise of row i (and of its k-th sample) depends only on (seed, first_row + i,
+    k), so mapping an array in pieces (passing each piece's ``first_row``) equals mapping it
+    whole; ``batch_size`` only trades memory for speed. Each batch shape compiles once.
     """
     e = self.config.eval
     solver = solver or e.solver
     evaluations = int(steps or e.steps)
     guidance = float(e.guidance if guidance is None else guidance)
     self.check_guidance(guidance)
+    if mode not in ("sample", "mean"):
+      raise ValueError(f"mode must be 'sample' or 'mean', got {mode!r}")
+    if num_samples < 1 or (mode == "mean" and num_samples != 1):
+      raise ValueError(f"num_samples must be >= 1 (and 1 for the mean), got {num_samples}")
     x = np.asarray(x, np.float32)
     single = x.ndim == len(self.source_shape)
     if single:
@@ -125,11 +138,21 @@ class Mapper:
       raise ValueError(f"seed must be in [0, 2**31), got {seed}")
     if not 0 <= first_row or first_row + len(x) >= 2 ** 31:
       raise ValueError(f"first_row must be in [0, 2**31 - n), got {first_row}")
+    draws = [self._map(x, solver, evaluations, guidance, seed, batch_size, first_row, mode,
+                       draw) for draw in range(num_samples)]
+    if num_samples == 1:
+      return draws[0][0] if single else draws[0]
+    samples = np.stack(draws, 1)
+    spread = np.sqrt(np.mean(np.var(samples, axis=1, ddof=1), axis=-1))
+    return (samples[0], spread[0]) if single else (samples, spread)
+
+  def _map(self, x, solver, evaluations, guidance, seed, batch_size, first_row, mode,
+           draw) -> np.ndarray:
     n = len(x)
     out = np.empty((n, *self.target_shape), np.float32)
     if n == 0:
-      return out[0] if single else out
-    fn = self._sampler(solver, evaluations, guidance)
+      return out
+    fn = self._sampler(solver, evaluations, guidance, mode, draw)
     rows_per_batch = _round_up(min(batch_size, n), self.mesh.devices.size)
     batch = sharding.batch_sharding(self.mesh)
     pending = None
@@ -150,8 +173,7 @@ class Mapper:
         collect(*pending)
       pending = (start, real, y)
     collect(*pending)
-    out = np.asarray(self.normalizers["target"].decode(out), np.float32)
-    return out[0] if single else out
+    return np.asarray(self.normalizers["target"].decode(out), np.float32)
 
 
 def load_features(data_dir: str, split: str = "validation", limit: int = 0, names=None):

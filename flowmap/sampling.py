@@ -18,14 +18,20 @@ from flax import nnx
 
 from flowmap import flow
 from flowmap import model as model_lib
+from flowmap.config import MODES
 
 
-def noise_for_rows(seed, rows: jax.Array, shape) -> jax.Array:
-  """Standard normal noise [len(rows), *shape]; each row depends only on (seed, its index).
+def noise_for_rows(seed, rows: jax.Array, shape, draw: int = 0) -> jax.Array:
+  """Standard normal noise [len(rows), *shape]; each row depends only on (seed, its index)
+  and, for the further samples of a row, on ``draw`` (draw 0 is a row's first sample).
 
   Works inside jit with a traced seed and sharded indices."""
   base = jax.random.key(seed)
-  return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(base, i), tuple(shape)))(rows)
+
+  def one(i):
+    key = jax.random.fold_in(base, i)
+    return jax.random.normal(key if draw == 0 else jax.random.fold_in(key, draw), tuple(shape))
+  return jax.vmap(one)(rows)
 
 
 def abstract_model(model_cfg: model_lib.ModelConfig, seed: int = 0):
@@ -60,14 +66,32 @@ def make_sampler(graphdef, solver: str, evaluations: int, guidance: float = 1.0)
 
 
 def make_row_sampler(graphdef, target_shape, solver: str, evaluations: int,
-                     guidance: float = 1.0) -> Callable:
-  """A jitted (params, source, rows, seed) -> generated target (normalised space) whose
-  noise for row ``rows[i]`` is drawn on the device from (seed, rows[i])."""
+                     guidance: float = 1.0, mode: str = "sample", draw: int = 0,
+                     mean_draws: int = 4) -> Callable:
+  """A jitted (params, source, rows, seed) -> generated target (normalised space).
+
+  mode ``sample``: the ODE solution from noise drawn on the device from (seed, rows[i]) (and
+  ``draw``, for a row's further samples). mode ``mean``: an estimate of E[target | source],
+  the average over ``mean_draws`` noise draws of one Euler step of length 1 from the noise
+  (x0 + v(x0, 0), where the ideal velocity is E[x1 | source] - x0 whatever x0 is);
+  ``mean_draws`` evaluations, ``solver`` and ``evaluations`` do not apply."""
+  if mode not in MODES:
+    raise ValueError(f"unknown output mode {mode!r}; expected one of {MODES}")
+  if mode == "mean":
+    step = _generator(graphdef, "euler", 1, guidance)
+
+    @jax.jit
+    def mean_rows(params, source, rows, seed):
+      total = step(params, source, noise_for_rows(seed, rows, target_shape, 0))
+      for k in range(1, mean_draws):
+        total = total + step(params, source, noise_for_rows(seed, rows, target_shape, k))
+      return total / mean_draws
+    return mean_rows
   generate = _generator(graphdef, solver, evaluations, guidance)
 
   @jax.jit
   def sample_rows(params, source, rows, seed):
-    return generate(params, source, noise_for_rows(seed, rows, target_shape))
+    return generate(params, source, noise_for_rows(seed, rows, target_shape, draw))
   return sample_rows
 
 

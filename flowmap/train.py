@@ -207,7 +207,10 @@ def make_train_step(config, graphdef, tx):
     metrics = {
         "loss": loss, "grad_norm": grad_norm, "param_norm": param_norm,
         "update_ratio": _global_norm(updates) / jnp.maximum(param_norm, 1e-12),
-        "velocity_cosine": jnp.mean(cos), "nonfinite": 1.0 - finite.astype(jnp.float32),
+        # Of the conditioned rows only: a dropped row is asked for another velocity.
+        "velocity_cosine": jnp.sum(jnp.where(drop, 0.0, cos)) / jnp.maximum(
+            jnp.sum(~drop), 1),
+        "nonfinite": 1.0 - finite.astype(jnp.float32),
         "grad_norm_blocks": _per_block_norm(grads["blocks"]),
     }
     for q in range(4):
@@ -438,9 +441,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         last_eval = evaluator.run(c, workdir, state, done)
         writer.write(done, last_eval)
         if run.is_main:
-          bar.write(f"step {done}: " + "  ".join(
-              f"{k.split('/')[1]}={v:.4f}" for k, v in last_eval.items()
-              if not k.startswith("eval/raw_")))
+          bar.write(f"step {done}: {plots.summary(last_eval, c.eval.mode)}")
           plots.plot_training(workdir)
       stop = preemption.reached(done)
       if done % c.train.checkpoint_every == 0 or done == c.train.steps or stop:

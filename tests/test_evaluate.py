@@ -175,23 +175,29 @@ def test_ridge_statistics_give_the_direct_error_and_penalty_choice():
   np.testing.assert_allclose(stats.solve(1e-12), lstsq, atol=1e-8)
 
 
-def test_sweep_table_and_plot_show_every_solver_and_guidance(tmp_path):
-  sweep = [{"weights": w, "solver": s, "evaluations": n, "guidance": g, "model_passes": n,
-            "cosine_token": 0.5 + n / 100 + (w == "ema") / 10, "cosine_global": 0.9,
-            "mse": 0.1, "recall_at_1": 1.0}
+def test_sweep_table_and_plot_show_every_output_and_guidance(tmp_path):
+  figures = {"cosine_global": 0.9, "mse": 0.1, "r2": 0.8, "recall_at_1": 1.0,
+             "fd_pooled": 0.3, "variance_ratio": 0.9}
+  sweep = [{"weights": w, "mode": "sample", "solver": s, "evaluations": n, "guidance": g,
+            "model_passes": n, "cosine_token": 0.5 + n / 100 + (w == "ema") / 10, **figures}
            for w in ("ema", "raw") for s in ("euler", "heun") for n in SWEEP
            for g in (1.0, 2.0) if not (s == "heun" and n % 2)]
+  sweep += [{"weights": w, "mode": "mean", "solver": "euler", "evaluations": 4, "guidance": g,
+             "model_passes": 4, **figures, "cosine_token": 0.77, "variance_ratio": 0.25}
+            for w in ("ema", "raw") for g in (1.0, 2.0)]
   baseline = {"baseline/ridge_cosine_token": 0.6, "baseline/mean_cosine_token": 0.3,
-              "baseline/ridge_cosine_global": 0.7, "baseline/mean_cosine_global": 0.5}
-  record = {"sweep": sweep, "num_images": 10, "solver": "heun", "evaluations": 8,
-            "guidance": 1.0, "ridge_kind": "pooled", **baseline,
+              "baseline/ridge_mse": 0.2, "baseline/ridge_variance_ratio": 0.4}
+  record = {"sweep": sweep, "num_images": 10, "mode": "sample", "solver": "heun",
+            "evaluations": 8, "guidance": 1.0, "ridge_kind": "pooled", **baseline,
             **{f"eval/{k}": 0.5 for k in (*metrics.METRICS, "velocity_cosine")}}
-  table = plots.format_table(7, record)
-  assert "euler g=2 ema/raw" in table and "heun ema/raw" in table
-  assert "0.6100/0.5100" in table                  # euler, 1 evaluation: ema / raw
-  heun_row_1 = table.splitlines()[2]
-  assert heun_row_1.split()[0] == "1" and heun_row_1.count("-") == 2   # no 1-step Heun
-  assert "ridge (pooled) 0.6000" in table
+  table = plots.format_table(7, record).splitlines()
+  rows = {line[:26].strip(): line[26:].split() for line in table[2:-1]}
+  assert rows["mean, 4 evals"][0] == "0.7700" and rows["mean, 4 evals"][-1] == "0.2500"
+  assert rows["euler, 1 eval"][0] == "0.6100"        # the EMA weights' figure
+  assert rows["heun, 8 evals g=2"][0] == "0.6800"
+  assert "heun, 1 eval" not in rows                   # no 1-step Heun
+  assert rows["baseline: ridge (pooled)"] == ["0.6000", "0.2000", "-", "-", "-", "0.4000"]
+  assert table[-1].startswith("configured (sample; heun, 8 evaluations")
   path = plots.plot_sweep(str(tmp_path), 7, sweep, baseline)
   assert path.endswith("sweep_7.png") and os.path.getsize(path) > 10_000
   assert os.path.exists(tmp_path / "plots" / "sweep.png")
@@ -223,15 +229,16 @@ def test_eval_mode_reports_sweep_baselines_json_and_plots(small_run):
                      "--mode", "eval"])
   assert result.returncode == 0, result.stderr[-3000:]
   out = result.stdout
-  for text in ("evals", "euler ema/raw", "heun ema/raw", "baselines: ridge (per_token)",
-               "eval/400.json", "cosine_token="):
+  for text in ("mean, 4 evals", "euler, 50 evals", "heun, 8 evals",
+               "baseline: ridge (per_token)", "eval/400.json", "cosine_token=",
+               "sample/energy_score="):
     assert text in out, out
   with open(os.path.join(workdir, "eval", "400.json")) as f:
     record = json.load(f)
   sweep = record["sweep"]
-  assert {(r["weights"], r["solver"], r["evaluations"]) for r in sweep} == {
-      (w, s, n) for w in ("ema", "raw") for s in ("euler", "heun") for n in SWEEP
-      if not (s == "heun" and n % 2)}
+  assert {(r["weights"], r["mode"], r["solver"], r["evaluations"]) for r in sweep} == {
+      (w, "sample", s, n) for w in ("ema", "raw") for s in ("euler", "heun") for n in SWEEP
+      if not (s == "heun" and n % 2)} | {(w, "mean", "euler", 4) for w in ("ema", "raw")}
   for row in sweep:
     assert set(row) >= {"cosine_token", "cosine_global", "mse", "recall_at_1", "guidance",
                         "model_passes"}
@@ -241,9 +248,16 @@ def test_eval_mode_reports_sweep_baselines_json_and_plots(small_run):
     assert key in record, key
   assert record["ridge_kind"] == "per_token" and record["baseline_train_rows"] == 1024
   # The configured solver (heun, 8 evaluations) is one point of the sweep.
-  heun8 = next(r for r in sweep if (r["weights"], r["solver"], r["evaluations"]) ==
-               ("ema", "heun", 8))
+  heun8 = next(r for r in sweep if (r["weights"], r["mode"], r["solver"], r["evaluations"])
+               == ("ema", "sample", "heun", 8))
   assert heun8["cosine_token"] == pytest.approx(record["eval/cosine_token"], abs=1e-9)
+  mean = next(r for r in sweep if (r["weights"], r["mode"]) == ("ema", "mean"))
+  assert mean["cosine_token"] == pytest.approx(record["eval/mean/cosine_token"], abs=1e-9)
+  # Every figure says which output it scores; the samples keep more spread than the mean,
+  # and several samples per image give the energy score and the spread-skill ratio.
+  assert record["mode"] == "sample"
+  assert record["eval/sample/variance_ratio"] > record["eval/mean/variance_ratio"]
+  assert record["eval/sample/energy_score"] > 0 and record["eval/sample/spread_skill"] > 0
   # The periodic evaluation at step 400 sampled the same rows with the same noise.
   assert record["eval/cosine_token"] == pytest.approx(
       small_run["results"]["eval/cosine_token"], abs=1e-6)
@@ -251,7 +265,7 @@ def test_eval_mode_reports_sweep_baselines_json_and_plots(small_run):
   assert record["baseline/ridge_cosine_token"] > record["baseline/mean_cosine_token"]
   # Both solvers converge to the same ODE solution as evaluations grow.
   final = {r["solver"]: r["cosine_token"] for r in sweep
-           if r["weights"] == "ema" and r["evaluations"] == 50}
+           if r["weights"] == "ema" and r["mode"] == "sample" and r["evaluations"] == 50}
   assert abs(final["euler"] - final["heun"]) < 0.01, final
   for name in ("sweep.png", "sweep_400.png", "training.png"):
     assert os.path.getsize(os.path.join(workdir, "plots", name)) > 10_000, name

@@ -41,6 +41,27 @@ def test_a_row_maps_alike_whatever_the_call_or_batch(mapper, validation):
   assert not np.allclose(mapper.map(x[:7], seed=4), full[:7], atol=1e-3)
 
 
+def test_the_mean_and_several_samples(mapper, validation):
+  """mode="mean" estimates E[target | source]: closer pointwise than a sample, with less
+  spread; num_samples=K gives K samples per row (the first is the one-sample map) and the
+  per-token spread."""
+  x, true = validation["source_enc"], validation["target_enc"]
+  mean = mapper.map(x, mode="mean")
+  sample = mapper.map(x, seed=3)
+  scored = {name: metrics.score(y, true) for name, y in (("mean", mean), ("sample", sample))}
+  assert scored["mean"]["mse"] < scored["sample"]["mse"]
+  assert scored["mean"]["variance_ratio"] < scored["sample"]["variance_ratio"]
+  np.testing.assert_allclose(mapper.map(x[:5], mode="mean"), mean[:5], atol=1e-5)
+  samples, spread = mapper.map(x[:6], seed=3, num_samples=3)
+  assert samples.shape == (6, 3, 16, 32) and spread.shape == (6, 16)
+  np.testing.assert_allclose(samples[:, 0], sample[:6], atol=1e-5)
+  assert not np.allclose(samples[:, 1], samples[:, 0], atol=1e-3)
+  np.testing.assert_allclose(spread, np.sqrt(samples.var(1, ddof=1).mean(-1)), rtol=1e-5)
+  assert (spread > 0).all()
+  with pytest.raises(ValueError, match="mode"):
+    mapper.map(x[:2], mode="median")
+
+
 def test_mapped_features_are_close_to_the_target(mapper, validation, small_run):
   mapped = mapper.map(validation["source_enc"], steps=8, solver="heun")
   cosine = metrics.score(mapped, validation["target_enc"])["cosine_token"]
@@ -51,7 +72,7 @@ def test_mapped_features_are_close_to_the_target(mapper, validation, small_run):
 def test_each_batch_shape_compiles_once(mapper, validation):
   x = validation["source_enc"]
   mapper.map(x, steps=4, solver="euler", batch_size=16)
-  fn = mapper._samplers[("euler", 4, 1.0)]
+  fn = mapper._samplers[("euler", 4, 1.0, "sample", 0)]
   assert fn._cache_size() == 1
   mapper.map(x[:40], steps=4, solver="euler", batch_size=16)   # 16 + 16 + 8 padded to 16
   mapper.map(x, steps=4, solver="euler", batch_size=16)

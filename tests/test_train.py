@@ -4,6 +4,7 @@ import json
 import os
 
 import jax
+import numpy as np
 import pytest
 
 from conftest import run_main, tiny_config
@@ -88,3 +89,36 @@ def test_bad_config_or_data_exits_2_with_one_line(tmp_path, demo_data, override,
   errors = [l for l in result.stderr.splitlines() if l.startswith("flowmap: error:")]
   assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
   assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_train_velocity_cosine_leaves_out_rows_whose_source_was_dropped():
+  """train/velocity_cosine averages the conditioned rows only: a dropped row is trained
+  towards another (the unconditional) velocity."""
+  import jax.numpy as jnp
+  from flowmap import flow, model as model_lib, sampling, sharding
+  c = tiny_config()
+  c.flow.cond_dropout = 0.5
+  model_cfg = model_lib.config_from(c.model, (16, 48), (16, 32))
+  tx = train.make_optimizer(c)
+  mesh = sharding.make_mesh(c.mesh, jax.devices()[:1])
+  graphdef, state, _ = train.create_state(model_cfg, tx, 0, mesh)
+  leaves, tree = jax.tree.flatten(state["params"])   # off the zero init: a real velocity
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  state["params"] = jax.tree.unflatten(
+      tree, [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+  rng = np.random.default_rng(0)
+  batch = {"source": jnp.asarray(rng.normal(size=(16, 16, 48)), jnp.float32),
+           "target": jnp.asarray(rng.normal(size=(16, 16, 32)), jnp.float32)}
+  key = jax.random.fold_in(jax.random.key(c.seed), state["step"])
+  t, noise, drop = train._per_example(key, batch["target"], c)
+  assert 0 < int(drop.sum()) < 16
+  pred = sampling.make_velocity(graphdef)(state["params"], flow.interpolate(
+      noise, batch["target"], t), t, batch["source"], drop)
+  true = flow.target_velocity(noise, batch["target"])
+  cos = np.asarray(jnp.sum(pred * true, (1, 2)) / (
+      jnp.linalg.norm(pred.reshape(16, -1), axis=1) * jnp.linalg.norm(true.reshape(16, -1),
+                                                                      axis=1)))
+  _, metrics = jax.jit(train.make_train_step(c, graphdef, tx))(state, batch)
+  kept = ~np.asarray(drop)
+  assert float(metrics["velocity_cosine"]) == pytest.approx(cos[kept].mean(), abs=1e-5)
+  assert abs(cos[kept].mean() - cos.mean()) > 1e-4   # the mask changes the figure
