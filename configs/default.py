@@ -46,6 +46,8 @@ def get_config():
                                 # compile); more cut the loop's slicing copies
 
   c.flow = ml_collections.ConfigDict()
+  c.flow.objective = "flow"     # flow (rectified flow) | regression (the same network
+                                # fitted to the target with MSE: a mean, no samples)
   c.flow.time_sampling = "logit_normal"  # uniform | logit_normal | shifted
   c.flow.logit_mean = 0.0
   c.flow.logit_std = 1.0

@@ -30,7 +30,8 @@ NORMALIZATIONS = ("standardize", "l2", "none")
 SOLVERS = ("euler", "heun")
 TIME_SAMPLINGS = ("uniform", "logit_normal", "shifted")
 DTYPES = ("float32", "bfloat16", "float16")
-MODES = ("sample", "mean")   # a sample of p(target | source), or an estimate of its mean
+MODES = ("sample", "mean")
+OBJECTIVES = ("flow", "regression")   # a sample of p(target | source), or an estimate of its mean
 
 
 def validate(config, sizes, remat_policies) -> None:
@@ -80,6 +81,8 @@ def validate(config, sizes, remat_policies) -> None:
   if c.eval.guidance != 1.0 and c.flow.cond_dropout == 0.0:
     problems.append(f"eval.guidance={c.eval.guidance} needs the unconditional velocity, which "
                     "a run learns only with flow.cond_dropout > 0; set eval.guidance=1")
+  if c.flow.objective not in OBJECTIVES:
+    problems.append(f"flow.objective must be one of {OBJECTIVES}, got {c.flow.objective!r}")
   if c.flow.time_sampling not in TIME_SAMPLINGS:
     problems.append(f"flow.time_sampling must be one of {TIME_SAMPLINGS}")
   if c.model.size not in sizes:

@@ -37,7 +37,8 @@ class Evaluator:
 
   def __init__(self, graphdef, mesh, source: np.ndarray, target_raw: np.ndarray,
                target_normalizer, batch_size: int, seed: int,
-               baseline: Optional[dict] = None, mean_draws: int = 4):
+               baseline: Optional[dict] = None, mean_draws: int = 4,
+               objective: str = "flow"):
     self.graphdef, self.mesh = graphdef, mesh
     self.source = np.asarray(source, np.float32)
     self.target_raw = np.asarray(target_raw, np.float32)
@@ -46,10 +47,11 @@ class Evaluator:
     self.batch_size = -(-min(batch_size, max(len(self.source), 1)) // n_dev) * n_dev
     self.seed = seed
     self.mean_draws = mean_draws
+    self.objective = objective
     self.baseline = dict(baseline or {})
     self.target_shape = self.target_raw.shape[1:]
     self._samplers = {}
-    self._velocity_cosines = sampling.make_velocity_cosines(graphdef)
+    self._velocity_cosines = sampling.make_velocity_cosines(graphdef, objective)
 
   @property
   def num_images(self) -> int:
@@ -61,7 +63,7 @@ class Evaluator:
     if key not in self._samplers:
       self._samplers[key] = sampling.make_row_sampler(
           self.graphdef, self.target_shape, solver, evaluations, guidance, mode, draw,
-          self.mean_draws)
+          self.mean_draws, self.objective)
     return self._samplers[key]
 
   def _batches(self, *arrays):
@@ -204,7 +206,7 @@ def make_evaluator(config, workdir: str, data_dir: str, spec, graphdef, mesh) ->
   normalised = np.asarray(spec.normalizers["source"].encode(source), np.float32)
   return Evaluator(graphdef, mesh, normalised, target, spec.normalizers["target"],
                    config.eval.batch_size, seed=config.seed + 1_000_003, baseline=baseline,
-                   mean_draws=config.eval.mean_draws)
+                   mean_draws=config.eval.mean_draws, objective=config.flow.objective)
 
 
 # ----------------------------------------------------------------------------- --mode eval

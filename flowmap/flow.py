@@ -12,7 +12,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from flowmap.config import SOLVERS, TIME_SAMPLINGS
+from flowmap.config import OBJECTIVES, SOLVERS, TIME_SAMPLINGS
 
 
 def sample_time(key, n: int, kind: str = "logit_normal", mean: float = 0.0,
@@ -50,6 +50,20 @@ def interpolate(noise: jax.Array, x1: jax.Array, t: jax.Array) -> jax.Array:
 
 def target_velocity(noise: jax.Array, x1: jax.Array) -> jax.Array:
   return x1 - noise
+
+
+def training_pair(objective: str, noise: jax.Array, x1: jax.Array, t: jax.Array):
+  """(model input, model time, regression target) of a batch for an objective.
+
+  flow: the point x_t on the straight path at t and the velocity x1 - noise. regression:
+  the same network asked for x1 itself from x = 0 at t = 0, so that its prediction is a
+  one-step Euler move from zero, and every sampler reads it the same way (the equal-capacity
+  answer to "do I need a flow at all": a regressor of the mean, with no spread)."""
+  if objective == "flow":
+    return interpolate(noise, x1, t), t, target_velocity(noise, x1)
+  if objective == "regression":
+    return jnp.zeros_like(x1), jnp.zeros_like(t), x1
+  raise ValueError(f"unknown objective {objective!r}; expected one of {OBJECTIVES}")
 
 
 def per_example_loss(predicted: jax.Array, target: jax.Array) -> jax.Array:

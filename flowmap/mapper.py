@@ -89,7 +89,8 @@ class Mapper:
     if key not in self._samplers:
       self._samplers[key] = sampling.make_row_sampler(
           self.graphdef, self.target_shape, solver, evaluations, guidance, mode, draw,
-          int(self.config.eval.get("mean_draws", 4)))
+          int(self.config.eval.get("mean_draws", 4)),
+          self.config.flow.get("objective", "flow"))
     return self._samplers[key]
 
   def check_guidance(self, guidance: float) -> None:

@@ -67,16 +67,26 @@ def make_sampler(graphdef, solver: str, evaluations: int, guidance: float = 1.0)
 
 def make_row_sampler(graphdef, target_shape, solver: str, evaluations: int,
                      guidance: float = 1.0, mode: str = "sample", draw: int = 0,
-                     mean_draws: int = 4) -> Callable:
+                     mean_draws: int = 4, objective: str = "flow") -> Callable:
   """A jitted (params, source, rows, seed) -> generated target (normalised space).
 
   mode ``sample``: the ODE solution from noise drawn on the device from (seed, rows[i]) (and
   ``draw``, for a row's further samples). mode ``mean``: an estimate of E[target | source],
   the average over ``mean_draws`` noise draws of one Euler step of length 1 from the noise
   (x0 + v(x0, 0), where the ideal velocity is E[x1 | source] - x0 whatever x0 is);
-  ``mean_draws`` evaluations, ``solver`` and ``evaluations`` do not apply."""
+  ``mean_draws`` evaluations, ``solver`` and ``evaluations`` do not apply. A run trained
+  with the regression objective has one output in both modes, its prediction (one
+  evaluation)."""
   if mode not in MODES:
     raise ValueError(f"unknown output mode {mode!r}; expected one of {MODES}")
+  if objective == "regression":
+    predict = _generator(graphdef, "euler", 1, guidance)
+
+    @jax.jit
+    def predict_rows(params, source, rows, seed):
+      del seed
+      return predict(params, source, jnp.zeros((rows.shape[0], *target_shape), jnp.float32))
+    return predict_rows
   if mode == "mean":
     step = _generator(graphdef, "euler", 1, guidance)
 
@@ -95,10 +105,10 @@ def make_row_sampler(graphdef, target_shape, solver: str, evaluations: int,
   return sample_rows
 
 
-def make_velocity_cosines(graphdef) -> Callable:
-  """A jitted (params, source, x1, rows, seed) -> cosine per row between the predicted and
-  the true velocity at a random t (normalised space); t and noise of row i come from
-  (seed, i)."""
+def make_velocity_cosines(graphdef, objective: str = "flow") -> Callable:
+  """A jitted (params, source, x1, rows, seed) -> cosine per row between the model's output
+  and its training target (the velocity at a random t, for the flow objective), in the
+  model's normalised space; t and noise of row i come from (seed, i)."""
   velocity = make_velocity(graphdef)
 
   @jax.jit
@@ -106,8 +116,8 @@ def make_velocity_cosines(graphdef) -> Callable:
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(rows)
     t = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 0), ()))(keys)
     noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1), x1.shape[1:]))(keys)
-    pred = velocity(params, flow.interpolate(noise, x1, t), t, source)
-    true = flow.target_velocity(noise, x1)
+    x, time, true = flow.training_pair(objective, noise, x1, t)
+    pred = velocity(params, x, time, source)
     pred, true = pred.reshape(len(pred), -1), true.reshape(len(true), -1)
     num = jnp.sum(pred * true, -1)
     den = jnp.linalg.norm(pred, axis=-1) * jnp.linalg.norm(true, axis=-1)

@@ -152,10 +152,11 @@ def make_train_step(config, graphdef, tx):
   skip_nonfinite = config.train.skip_nonfinite
   ema_decay = config.train.ema_decay
 
+  objective = config.flow.objective
+
   def loss_fn(params, source, x1, t, noise, drop):
-    xt = flow.interpolate(noise, x1, t)
-    target = flow.target_velocity(noise, x1)
-    pred = velocity(params, xt, t, source, drop)
+    x, time, target = flow.training_pair(objective, noise, x1, t)
+    pred = velocity(params, x, time, source, drop)
     loss = flow.loss(pred, target, config.flow.loss_scale)
     per_example = flow.per_example_loss(pred, target)   # for the time buckets
     p, v = pred.reshape(len(pred), -1), target.reshape(len(target), -1)

@@ -117,3 +117,13 @@ def test_guidance_combines_conditional_and_unconditional():
   x, t = jnp.zeros((2, 4)), jnp.zeros(2)
   np.testing.assert_allclose(flow.guided(velocity, 1.0)(x, t), 3.0)
   np.testing.assert_allclose(flow.guided(velocity, 2.0)(x, t), 1.0 + 2.0 * (3.0 - 1.0))
+
+
+def test_regression_pair_asks_for_the_target_from_zero_at_time_zero():
+  noise, x1 = jnp.ones((2, 3, 4)), jnp.full((2, 3, 4), 5.0)
+  x, t, target = flow.training_pair("regression", noise, x1, jnp.array([0.3, 0.7]))
+  assert float(jnp.abs(x).max()) == 0 and float(jnp.abs(t).max()) == 0
+  np.testing.assert_array_equal(target, x1)
+  x, t, target = flow.training_pair("flow", noise, x1, jnp.array([0.25, 1.0]))
+  np.testing.assert_allclose(x[0], 0.75 * 1 + 0.25 * 5)
+  np.testing.assert_array_equal(target, x1 - noise)
