@@ -10,8 +10,13 @@ Reading guide, matching the paper:
     cross-attention to the projected source tokens added through a zero-initialised tanh gate;
   * final layer: norm, adaLN scale, linear, both zero-initialised, so the output is exactly
     zero at initialisation.
-Parameters are float32; matmuls run in ``dtype`` with float32 accumulation. Blocks are stacked
-and scanned so compile time does not grow with depth.
+Parameters are float32; matmuls run in ``dtype`` with float32 accumulation, in the backward
+pass too (``linear``); norms, softmax and the loss stay float32. Blocks are stacked and
+scanned so compile time does not grow with depth.
+
+Everything the source alone decides (its projection, its share of c, every block's
+cross-attention keys and values) is ``NextDiT.source_context``; ``NextDiT.velocity`` takes it,
+so an ODE sampler computes it once per call instead of once per step.
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from flowmap import attention as attention_lib
+from flowmap import platform as platform_lib
 
 SIZES = {  # dim, depth, heads, kv_heads
     "tiny": (128, 4, 4, 4),
@@ -38,6 +46,8 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.dots_saveable,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+ATTENTION = attention_lib.IMPLEMENTATIONS
+DTYPES = platform_lib.DTYPES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,11 +59,11 @@ class ModelConfig:
   heads: int = 4
   kv_heads: int = 4
   mlp_ratio: float = 4.0
-  dtype: str = "float32"
+  dtype: str = "float32"          # compute dtype (config_from resolves "auto")
   remat: str = "none"
   aligned_conditioning: bool = False
   rope_theta: float = 10000.0
-  attention: str = "xla"          # "xla": jax.nn.dot_product_attention; "einsum": explicit
+  attention: str = "auto"         # attention.IMPLEMENTATIONS; "auto" picks per backend
   scan_unroll: int = 1            # blocks per scan iteration (1: one compiled block)
 
   @property
@@ -61,12 +71,23 @@ class ModelConfig:
     return min(self.dim, 1024)
 
   @property
+  def head_dim(self) -> int:
+    return self.dim // self.heads
+
+  @property
   def compute_dtype(self):
     return jnp.dtype(self.dtype)
 
+  def attention_implementation(self, backend: Optional[str] = None) -> str:
+    """The attention kernel this config runs on ``backend`` (default: JAX's default)."""
+    return attention_lib.resolve(self.attention, backend or jax.default_backend(),
+                                 self.compute_dtype, self.head_dim)
+
 
 def config_from(model_cfg, source_shape, target_shape) -> ModelConfig:
-  """Builds a ModelConfig from ``config.model`` (named size, explicit overrides)."""
+  """Builds a ModelConfig from ``config.model`` (named size, explicit overrides), with
+  ``dtype`` and ``attention`` resolved for the default backend (``auto`` made concrete);
+  an unknown value is a ValueError naming the valid ones."""
   if model_cfg.size not in SIZES:
     raise ValueError(f"unknown model size {model_cfg.size!r}; expected one of {list(SIZES)}")
   dim, depth, heads, kv_heads = SIZES[model_cfg.size]
@@ -77,19 +98,74 @@ def config_from(model_cfg, source_shape, target_shape) -> ModelConfig:
   kv_heads = model_cfg.get("kv_heads") or kv_heads
   if model_cfg.remat not in REMAT_POLICIES:
     raise ValueError(f"unknown remat {model_cfg.remat!r}; expected one of {list(REMAT_POLICIES)}")
-  return ModelConfig(
+  backend = jax.default_backend()
+  cfg = ModelConfig(
       source_shape=tuple(source_shape), target_shape=tuple(target_shape), dim=dim,
       depth=depth, heads=heads, kv_heads=kv_heads, mlp_ratio=model_cfg.get("mlp_ratio", 4.0),
-      dtype=model_cfg.dtype, remat=model_cfg.remat,
-      aligned_conditioning=bool(model_cfg.aligned_conditioning),
-      attention=model_cfg.get("attention", "xla"),
+      dtype=platform_lib.resolve_dtype(model_cfg.get("dtype", "auto"), backend),
+      remat=model_cfg.remat, aligned_conditioning=bool(model_cfg.aligned_conditioning),
+      attention=model_cfg.get("attention", "auto"),
       scan_unroll=max(1, min(int(model_cfg.get("scan_unroll", 1)), depth)))
+  return dataclasses.replace(cfg, attention=cfg.attention_implementation(backend))
 
 
 # ----------------------------------------------------------------------------- layers
 
+@jax.custom_vjp
+def linear(x, kernel, bias):
+  """x @ kernel + bias in x's dtype, float32 accumulation; kernel and bias float32.
+
+  A custom VJP so that the backward pass runs in x's dtype as well: the cotangent arrives in
+  x's dtype (autodiff of a float32 result would make every backward matmul float32), and the
+  kernel's gradient x^T dy is laid out as XLA's CPU matmul library takes it."""
+  y = jnp.dot(x, kernel.astype(x.dtype), preferred_element_type=jnp.float32)
+  if bias is not None:
+    y = y + bias
+  return y.astype(x.dtype)
+
+
+def _linear_fwd(x, kernel, bias):
+  return linear(x, kernel, bias), (x, kernel, bias is not None)
+
+
+def _kernel_gradient(x, dy):
+  """x^T dy [din, dout] in float32 from x [rows, din], dy [rows, dout].
+
+  Contracting the rows of both operands is a layout XLA's CPU matmul library refuses (see
+  attention.row_major_transpose), so on CPUs the narrower operand is copied transposed first:
+  x when din <= dout, else dy, computing (dy^T x)^T (a weights-sized transpose at the end,
+  which the barrier keeps XLA from folding back into the product). Other backends take the
+  contraction as it is."""
+  def canonical(x, dy):
+    if x.shape[1] <= dy.shape[1]:
+      return jnp.dot(attention_lib.row_major_transpose(x), dy,
+                     preferred_element_type=jnp.float32)
+    transposed = jnp.dot(attention_lib.row_major_transpose(dy), x,
+                         preferred_element_type=jnp.float32)
+    return jax.lax.optimization_barrier(transposed).T
+
+  def direct(x, dy):
+    return jax.lax.dot_general(x, dy, (((0,), (0,)), ((), ())),
+                               preferred_element_type=jnp.float32)
+  return jax.lax.platform_dependent(x, dy, cpu=canonical, default=direct)
+
+
+def _linear_bwd(residuals, dy):
+  x, kernel, has_bias = residuals
+  dy = dy.astype(x.dtype)
+  dx = jax.lax.dot_general(dy, kernel.astype(x.dtype), (((dy.ndim - 1,), (1,)), ((), ())),
+                           preferred_element_type=jnp.float32).astype(x.dtype)
+  rows_x, rows_dy = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+  d_kernel = _kernel_gradient(rows_x, rows_dy)
+  d_bias = jnp.sum(rows_dy.astype(jnp.float32), axis=0) if has_bias else None
+  return dx, d_kernel, d_bias
+
+
+linear.defvjp(_linear_fwd, _linear_bwd)
+
+
 class Dense(nnx.Module):
-  """float32 parameters, matmul in the compute dtype with float32 accumulation."""
+  """float32 parameters, matmul in the compute dtype with float32 accumulation (``linear``)."""
 
   def __init__(self, din: int, dout: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
                use_bias: bool = True, zero: bool = False):
@@ -99,11 +175,8 @@ class Dense(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, x):
-    y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
-                preferred_element_type=jnp.float32)
-    if self.bias is not None:
-      y = y + self.bias[...]
-    return y.astype(self.dtype)
+    bias = None if self.bias is None else self.bias[...]
+    return linear(x.astype(self.dtype), self.kernel[...], bias)
 
 
 class RMSNorm(nnx.Module):
@@ -175,27 +248,19 @@ def apply_rope(x, angles):
   return out.reshape(x.shape).astype(x.dtype)
 
 
+def heads_major(x):
+  """[batch, tokens, heads, head_dim] -> [batch, heads, tokens, head_dim], attention's layout."""
+  return jnp.swapaxes(x, 1, 2)
+
+
 # ----------------------------------------------------------------------------- blocks
-
-def attention(q, k, v, implementation: str):
-  """softmax(q k^T / sqrt(d)) v with grouped KV heads; logits and softmax in float32."""
-  if implementation == "xla":
-    return jax.nn.dot_product_attention(q, k, v)
-  b, n, h, d = q.shape
-  kvh = k.shape[2]
-  q = q.reshape(b, n, kvh, h // kvh, d)
-  logits = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
-  weights = jax.nn.softmax(logits / math.sqrt(d), axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgqs,bskd->bqkgd", weights, v, preferred_element_type=jnp.float32)
-  return out.reshape(b, n, h, d).astype(v.dtype)
-
 
 class Attention(nnx.Module):
   """Self-attention over target tokens plus gated cross-attention to the source tokens."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     dt, d = cfg.compute_dtype, cfg.dim
-    self.heads, self.kv_heads, self.head_dim = cfg.heads, cfg.kv_heads, d // cfg.heads
+    self.heads, self.kv_heads, self.head_dim = cfg.heads, cfg.kv_heads, cfg.head_dim
     kv = self.kv_heads * self.head_dim
     # q, k, v in one matmul (and the source's k, v in another): fewer, larger matmuls.
     self.qkv = Dense(d, d + 2 * kv, rngs=rngs, dtype=dt, use_bias=False)
@@ -207,31 +272,46 @@ class Attention(nnx.Module):
     self.out = Dense(d, d, rngs=rngs, dtype=dt, use_bias=False)
     self.implementation = cfg.attention
 
-  def __call__(self, x, source, target_angles, source_angles):
-    b, n, _ = x.shape
-    m = source.shape[1]
-    hd, kvh = self.head_dim, self.kv_heads
-    q, k, v = jnp.split(self.qkv(x), [self.heads * hd, (self.heads + kvh) * hd], axis=-1)
-    q = self.q_norm(q.reshape(b, n, self.heads, hd))
-    k = self.k_norm(k.reshape(b, n, kvh, hd))
-    v = v.reshape(b, n, kvh, hd)
-    sk, sv = jnp.split(self.source_kv(source), 2, axis=-1)
-    sk = self.source_k_norm(sk.reshape(b, m, kvh, hd))
-    sv = sv.reshape(b, m, kvh, hd)
-    q_rot = apply_rope(q, target_angles)
-    out = attention(q_rot, apply_rope(k, target_angles), v, self.implementation)
+  def source_keys_values(self, projected, source_angles):
+    """The cross-attention's keys (normalised, rotated on grids) and values [B, KVH, Ns,
+    head_dim] from ``projected`` = self.source_kv(source tokens) [B, Ns, 2 * KVH * head_dim]:
+    functions of the source alone, computed once per sampler call (NextDiT.source_context
+    runs the projection of every block as one matmul)."""
+    b, m, _ = projected.shape
+    sk, sv = jnp.split(projected, 2, axis=-1)
+    sk = self.source_k_norm(sk.reshape(b, m, self.kv_heads, self.head_dim))
     if source_angles is not None:   # both grids: relative positions across the two grids
-      cross = attention(q_rot, apply_rope(sk, source_angles), sv, self.implementation)
-    else:
-      cross = attention(q, sk, sv, self.implementation)
-    gate = jnp.tanh(self.cross_gate[...]).astype(out.dtype)[None, None, :, None]
-    return self.out((out + gate * cross).reshape(b, n, -1))
+      sk = apply_rope(sk, source_angles)
+    return heads_major(sk), heads_major(sv.reshape(b, m, self.kv_heads, self.head_dim))
+
+  def __call__(self, x, target_angles, source_k, source_v, rotate_cross: bool):
+    b, n, _ = x.shape
+    hd, kvh = self.head_dim, self.kv_heads
+    implementation = attention_lib.resolve(self.implementation, jax.default_backend(),
+                                           x.dtype, hd)
+    q, k, v = jnp.split(self.qkv(x), [self.heads * hd, (self.heads + kvh) * hd], axis=-1)
+    # 1/sqrt(head_dim) is folded into q, where it costs nothing next to the norm and RoPE.
+    q = self.q_norm(q.reshape(b, n, self.heads, hd)) * jnp.asarray(hd ** -0.5, x.dtype)
+    k = self.k_norm(k.reshape(b, n, kvh, hd))
+    q_rot = heads_major(apply_rope(q, target_angles))
+    out = attention_lib.attend(q_rot, heads_major(apply_rope(k, target_angles)),
+                               heads_major(v.reshape(b, n, kvh, hd)), implementation)
+    cross = attention_lib.attend(q_rot if rotate_cross else heads_major(q), source_k,
+                                 source_v, implementation)
+    gate = jnp.tanh(self.cross_gate[...]).astype(out.dtype)[None, :, None, None]
+    return self.out(jnp.swapaxes(out + gate * cross, 1, 2).reshape(b, n, -1))
+
+
+def swiglu_hidden(dim: int, ratio: float) -> int:
+  """SwiGLU's hidden width: 2/3 of ratio * dim (the same parameters as a GELU MLP of that
+  ratio), rounded up to a multiple of 64 as Lumina-Next does."""
+  hidden = int(2 * dim * ratio / 3)
+  return 64 * ((hidden + 63) // 64)
 
 
 class SwiGLU(nnx.Module):
   def __init__(self, dim: int, ratio: float, *, rngs: nnx.Rngs, dtype):
-    hidden = int(2 * dim * ratio / 3)
-    hidden = 64 * ((hidden + 63) // 64)
+    hidden = swiglu_hidden(dim, ratio)
     self.w13 = Dense(dim, 2 * hidden, rngs=rngs, dtype=dtype, use_bias=False)  # gate, up
     self.w2 = Dense(hidden, dim, rngs=rngs, dtype=dtype, use_bias=False)
 
@@ -251,11 +331,11 @@ class Block(nnx.Module):
     self.ffn_norm2 = RMSNorm(d, dtype=dt)
     self.modulation = Dense(cfg.cond_dim, 4 * d, rngs=rngs, dtype=dt, zero=True)
 
-  def __call__(self, x, source, c, target_angles, source_angles):
+  def __call__(self, x, c, target_angles, source_k, source_v, rotate_cross: bool):
     mod = self.modulation(jax.nn.silu(c))[:, None, :]
     scale_attn, gate_attn, scale_mlp, gate_mlp = jnp.split(mod, 4, axis=-1)
-    h = self.attention(self.attention_norm1(x) * (1 + scale_attn), source,
-                       target_angles, source_angles)
+    h = self.attention(self.attention_norm1(x) * (1 + scale_attn), target_angles,
+                       source_k, source_v, rotate_cross)
     x = x + jnp.tanh(gate_attn) * self.attention_norm2(h)
     h = self.feed_forward(self.ffn_norm1(x) * (1 + scale_mlp))
     return x + jnp.tanh(gate_mlp) * self.ffn_norm2(h)
@@ -264,7 +344,12 @@ class Block(nnx.Module):
 # ----------------------------------------------------------------------------- model
 
 class NextDiT(nnx.Module):
-  """velocity = model(x_t [B, Nt, Dt], t [B], source [B, Ns, Ds], drop [B] bool)."""
+  """velocity = model(x_t [B, Nt, Dt], t [B], source [B, Ns, Ds], drop [B] bool), float32.
+
+  The same in two stages, for samplers that evaluate many times per source:
+    context = model.source_context(source, drop)   # once per call
+    velocity = model.velocity(x_t, t, context)     # once per evaluation
+  """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
@@ -298,13 +383,12 @@ class NextDiT(nnx.Module):
   def rope_tables(cfg: ModelConfig):
     """RoPE angles of the target tokens and, when both are grids, of the source tokens in
     the target grid's coordinates. Trace-time constants, never parameters."""
-    head_dim = cfg.dim // cfg.heads
     nt, ns = cfg.target_shape[0], cfg.source_shape[0]
     target_pos = grid_positions(nt)
     source_pos = grid_positions(ns, frame=math.isqrt(nt))
-    target = jnp.asarray(rope_angles(target_pos, head_dim, cfg.rope_theta))
+    target = jnp.asarray(rope_angles(target_pos, cfg.head_dim, cfg.rope_theta))
     if target_pos.shape[1] == 2 and source_pos.shape[1] == 2:
-      return target, jnp.asarray(rope_angles(source_pos, head_dim, cfg.rope_theta))
+      return target, jnp.asarray(rope_angles(source_pos, cfg.head_dim, cfg.rope_theta))
     return target, None
 
   @staticmethod
@@ -312,37 +396,71 @@ class NextDiT(nnx.Module):
     nt, ns = cfg.target_shape[0], cfg.source_shape[0]
     return nt == ns and grid_positions(nt).shape[1] == 2
 
-  def __call__(self, x, t, source, drop=None):
+  def source_context(self, source, drop=None) -> dict:
+    """The time-independent half of the network: source [B, Ns, Ds] (raw model input),
+    drop [B] bool or None (rows that see the learned null source instead, for classifier-free
+    guidance) -> a dict of arrays, B leading or second:
+      ``condition``   [B, cond_dim] float32: the pooled source's share of c;
+      ``aligned``     [B, Nt, dim]: the source token added at each target position
+                      (only with aligned_conditioning);
+      ``source_k``, ``source_v``  [depth, B, kv_heads, Ns, head_dim]: every block's
+                      cross-attention keys (normalised, rotated on grids) and values.
+    Costs depth x B x Ns x 2 x kv_heads x head_dim of memory in the compute dtype."""
     cfg = self.cfg
-    dt = cfg.compute_dtype
     s = self.source_proj(self.source_norm(source))
     if drop is not None:
-      s = jnp.where(drop[:, None, None], self.null_source[...].astype(dt), s)
+      s = jnp.where(drop[:, None, None], self.null_source[...].astype(s.dtype), s)
+    context = {"condition": self.source_pool(jnp.mean(s.astype(jnp.float32), axis=1))
+               .astype(jnp.float32)}
+    if self.aligned is not None:
+      context["aligned"] = self.aligned(s)
+    # Every block's source projection as one matmul: the stacked kernels [depth, dim, 2kv]
+    # side by side as [dim, depth * 2kv].
+    kernels = self.blocks.attention.source_kv.kernel[...]
+    depth, _, width = kernels.shape
+    projected = linear(s, jnp.transpose(kernels, (1, 0, 2)).reshape(cfg.dim, -1), None)
+    projected = projected.reshape(*s.shape[:2], depth, width)
+    _, source_angles = self.rope_tables(cfg)
+    block_def, block_state = nnx.split(self.blocks)
+
+    def keys_values(state, projected):
+      return nnx.merge(block_def, state).attention.source_keys_values(projected, source_angles)
+    context["source_k"], context["source_v"] = jax.vmap(keys_values, in_axes=(0, 2))(
+        block_state, projected)
+    return context
+
+  def velocity(self, x, t, context: dict):
+    """x_t [B, Nt, Dt], t [B] in [0, 1], context from ``source_context`` -> the predicted
+    velocity [B, Nt, Dt], float32."""
+    cfg = self.cfg
     c = self.time_mlp2(jax.nn.silu(self.time_mlp1(timestep_embedding(t))))
-    c = c + self.source_pool(jnp.mean(s.astype(jnp.float32), axis=1))
+    c = (c.astype(jnp.float32) + context["condition"]).astype(cfg.compute_dtype)
     h = self.in_proj(x)
     if self.aligned is not None:
-      h = h + self.aligned(s)
+      h = h + context["aligned"]
 
     target_angles, source_angles = self.rope_tables(cfg)
+    rotate_cross = source_angles is not None
 
     # A plain lax.scan over the stacked block parameters: one compiled block whatever the
     # depth, and usable inside other traced loops (the ODE sampler).
     block_def, block_state = nnx.split(self.blocks)
 
-    def body(h, state):
-      return nnx.merge(block_def, state)(h, s, c, target_angles, source_angles), None
+    def body(h, xs):
+      state, source_k, source_v = xs
+      block = nnx.merge(block_def, state)
+      return block(h, c, target_angles, source_k, source_v, rotate_cross), None
     if cfg.remat != "none":
       body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat])
-    h, _ = jax.lax.scan(body, h, block_state, unroll=cfg.scan_unroll)
+    h, _ = jax.lax.scan(body, h, (block_state, context["source_k"], context["source_v"]),
+                        unroll=cfg.scan_unroll)
 
     scale = self.final_modulation(jax.nn.silu(c))[:, None, :]
     out = self.final(layer_norm(h) * (1 + scale))
     return out.astype(jnp.float32)
 
-
-def count_params(model: nnx.Module) -> int:
-  return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  def __call__(self, x, t, source, drop=None):
+    return self.velocity(x, t, self.source_context(source, drop))
 
 
 def flops(cfg: ModelConfig) -> dict:
@@ -354,10 +472,9 @@ def flops(cfg: ModelConfig) -> dict:
   data (target, source, time), whose input needs no gradient.
   """
   (nt, dt_in), (ns, ds) = cfg.target_shape, cfg.source_shape
-  d, cond, hd = cfg.dim, cfg.cond_dim, cfg.dim // cfg.heads
+  d, cond, hd = cfg.dim, cfg.cond_dim, cfg.head_dim
   kv = cfg.kv_heads * hd
-  hidden = int(2 * d * cfg.mlp_ratio / 3)
-  hidden = 64 * ((hidden + 63) // 64)
+  hidden = swiglu_hidden(d, cfg.mlp_ratio)
   block = 2 * (cond * 4 * d                        # adaLN modulation
                + nt * d * (d + 2 * kv)             # fused q, k, v
                + ns * d * 2 * kv                   # source k, v
