@@ -9,14 +9,16 @@ Euler and Heun samplers, the tf.data reader, and peak memory.
 
 Every figure is the median of several timed repetitions. A shared machine's load changes by
 the minute, so whatever is compared is measured in one process and interleaved: each round
-times one window of every contender (the matmul peak that MFU is taken against, flowmap, the
-peer in float32, the peer under bfloat16 autocast) before the next round starts.
+times one window of every contender (the matmul peaks that MFU is taken against, flowmap in
+each compute dtype of ``bench.flowmap_dtypes``, the peer in float32 and under bfloat16
+autocast) before the next round starts.
 
-``--peer lumina`` runs diffusers' LuminaNextDiT2DModel (what BLIP3-o trains) at the matched
-size: hidden size, layers and heads of the config, the target tokens as a square image with
-patch size 1, the target dim as channels, the source tokens as its caption features,
-trained with AdamW (clipping and EMA as flowmap does) and sampled with an Euler loop. Its
-packages are in requirements-bench.txt.
+The device line names the CPU's vector features (AVX2, AVX-512, AVX512_BF16, AMX): whether
+bfloat16 matmuls are native or emulated decides which precision is faster, for flowmap and
+for the peer alike. flowmap's CPU XLA flags (flowmap.platform) are set before JAX starts.
+
+``--peer lumina`` runs diffusers' LuminaNextDiT2DModel (flowmap.benchmark_peer) on the same
+machine in both precisions; ``ratio`` is flowmap over the peer's better precision.
 """
 
 from __future__ import annotations
@@ -38,8 +40,10 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from flowmap import benchmark_peer
 from flowmap import data as data_lib
 from flowmap import model as model_lib
+from flowmap import platform as platform_lib
 from flowmap import sampling
 from flowmap import sharding
 from flowmap import train as train_lib
@@ -61,7 +65,9 @@ DEFAULTS = {
     "input_examples": 128,      # rows of the synthetic dataset written when data.dir is empty
     "input_batches": 40,
     "input_shuffle_buffer": 256,
-    "peer_precisions": ("float32", "bf16_autocast"),
+    "peer_precisions": benchmark_peer.PRECISIONS,
+    "flowmap_dtypes": (),       # also time flowmap's train step and first Euler sampler in
+                                # these compute dtypes (model.dtype is always timed)
 }
 
 # Dense tensor-core peaks from the datasheets, TFLOP/s: (bfloat16/float16, tf32).
@@ -206,8 +212,11 @@ def describe_device() -> tuple[str, dict]:
         cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
     except (OSError, StopIteration):
       pass
-    info["cpu"] = cpu
-    return f"cpu: {cpu}, {os.cpu_count()} cores", info
+    features = platform_lib.cpu_features()
+    info.update(cpu=cpu, cpu_features=sorted(features), native_bf16=platform_lib.native_bf16(
+        features), xla_flags=os.environ.get("XLA_FLAGS", ""))
+    return (f"cpu: {cpu}, {os.cpu_count()} cores, {platform_lib.describe_cpu(features)}",
+            info)
   return f"{d.device_kind} x{jax.device_count()}", info
 
 
@@ -258,21 +267,22 @@ class Flowmap:
     """XLA's count for one block's forward and backward pass, batch included.
 
     XLA's cost analysis counts the body of a while loop once, and the blocks run in one
-    lax.scan, so the step's count is completed with (depth - 1) of these.
+    lax.scan, so the step's count is completed with (depth - 1) of these. (The source keys
+    and values of every block are one matmul outside the scan, counted in full already.)
     """
     cfg = self.model_cfg
     graphdef, state = nnx.split(model_lib.Block(cfg, rngs=nnx.Rngs(0)))
     target_angles, source_angles = model_lib.NextDiT.rope_tables(cfg)
     b, dt = self.batch, cfg.compute_dtype
     h = jnp.zeros((b, cfg.target_shape[0], cfg.dim), dt)
-    s = jnp.zeros((b, cfg.source_shape[0], cfg.dim), dt)
+    kv = jnp.zeros((b, cfg.kv_heads, cfg.source_shape[0], cfg.head_dim), dt)
     c = jnp.zeros((b, cfg.cond_dim), dt)
 
-    def f(state, h, s, c):
-      out = nnx.merge(graphdef, state)(h, s, c, target_angles, source_angles)
+    def f(state, h, sk, sv, c):
+      out = nnx.merge(graphdef, state)(h, c, target_angles, sk, sv, source_angles is not None)
       return jnp.sum(out.astype(jnp.float32))
-    return _cost_flops(jax.jit(jax.grad(f, argnums=(0, 1, 2, 3))).lower(
-        state, h, s, c).compile())
+    return _cost_flops(jax.jit(jax.grad(f, argnums=(0, 1, 2, 3, 4))).lower(
+        state, h, kv, kv, c).compile())
 
   def sampler(self, solver: str, evaluations: int) -> tuple[Callable, float]:
     generate = sampling.make_sampler(self.graphdef, solver, evaluations)
@@ -327,120 +337,26 @@ def input_pipeline(config, source_shape, target_shape, s) -> tuple[float, str]:
   return rate, config.data.dir or "synthetic TFRecords"
 
 
-# ----------------------------------------------------------------------------- the peer
-
-class LuminaPeer:
-  """diffusers' LuminaNextDiT2DModel at flowmap's size, trained and sampled the plain
-  PyTorch way (eager, AdamW, gradient clipping, EMA)."""
-
-  PRECISIONS = ("float32", "bf16_autocast")
-
-  def __init__(self, config, model_cfg: model_lib.ModelConfig, sample_batch: int):
-    from flowmap import encoders   # noqa: F401  (lets diffusers import torchvision)
-    import diffusers
-    import torch
-    from diffusers.models.embeddings import get_2d_rotary_pos_embed_lumina
-    self.torch = torch
-    (ns, ds), (nt, dt) = model_cfg.source_shape, model_cfg.target_shape
-    side = math.isqrt(nt)
-    if side * side != nt or nt == 1:
-      raise BenchmarkError(f"--peer lumina needs the target tokens on a square grid; got "
-                           f"{nt} tokens")
-    if model_cfg.kv_heads != model_cfg.heads:
-      raise BenchmarkError("--peer lumina is matched without grouped KV heads; set "
-                           "model.kv_heads to model.heads")
-    torch.manual_seed(config.seed)
-    self.model = diffusers.LuminaNextDiT2DModel(
-        sample_size=side, patch_size=1, in_channels=dt, hidden_size=model_cfg.dim,
-        num_layers=model_cfg.depth, num_attention_heads=model_cfg.heads,
-        num_kv_heads=model_cfg.kv_heads, multiple_of=64, learn_sigma=False, qk_norm=True,
-        cross_attention_dim=ds)
-    with torch.no_grad():
-      self.model.pad_token.zero_()   # allocated uninitialised, unused at one resolution
-    self.params = [p for p in self.model.parameters()]
-    self.ema = [p.detach().clone() for p in self.params]
-    t = config.train
-    self.optimizer = torch.optim.AdamW(self.params, lr=t.lr, betas=(0.9, t.b2), eps=1e-8,
-                                       weight_decay=t.weight_decay)
-    self.grad_clip, self.ema_decay = t.grad_clip, t.ema_decay
-    self.rope = get_2d_rotary_pos_embed_lumina(model_cfg.dim // model_cfg.heads, side, side)
-    self.side, self.dt = side, dt
-    b = config.train.batch_size
-    gen = torch.Generator().manual_seed(config.seed)
-    self.x1 = torch.randn(b, dt, side, side, generator=gen)
-    self.source = torch.randn(b, ns, ds, generator=gen)
-    self.mask = torch.ones(b, ns, dtype=torch.int32)
-    self.sample_source = torch.randn(sample_batch, ns, ds, generator=gen)
-    self.sample_mask = torch.ones(sample_batch, ns, dtype=torch.int32)
-    self.sample_noise = torch.randn(sample_batch, dt, side, side, generator=gen)
-    self.version = diffusers.__version__
-    self.num_params = sum(p.numel() for p in self.params)
-
-  def _autocast(self, precision: str):
-    return self.torch.autocast("cpu" if self.x1.device.type == "cpu" else "cuda",
-                               dtype=self.torch.bfloat16,
-                               enabled=precision == "bf16_autocast")
-
-  def _velocity(self, x, t, source, mask, precision):
-    with self._autocast(precision):
-      out = self.model(x, t, source, mask, self.rope, cross_attention_kwargs={},
-                       return_dict=False)[0]
-    return out.float()
-
-  def train_steps(self, n: int, precision: str) -> None:
-    torch = self.torch
-    self.model.train()
-    for _ in range(n):
-      b = self.x1.shape[0]
-      t = torch.sigmoid(torch.randn(b))
-      noise = torch.randn_like(self.x1)
-      tb = t[:, None, None, None]
-      xt = (1 - tb) * noise + tb * self.x1
-      pred = self._velocity(xt, t, self.source, self.mask, precision)
-      loss = torch.mean(torch.square(pred - (self.x1 - noise)))
-      self.optimizer.zero_grad(set_to_none=True)
-      loss.backward()
-      torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
-      self.optimizer.step()
-      with torch.no_grad():
-        torch._foreach_lerp_(self.ema, self.params, 1.0 - self.ema_decay)
-      loss.item()
-
-  def flops_per_example(self) -> dict:
-    """The peer's matmul and attention FLOPs per example, counted by PyTorch's FlopCounterMode
-    over one forward and one forward-and-backward pass (float32)."""
-    from torch.utils.flop_counter import FlopCounterMode
-    torch, b = self.torch, self.x1.shape[0]
-    t = torch.full((b,), 0.5)
-    with FlopCounterMode(display=False) as counter:
-      with torch.no_grad():
-        self._velocity(self.x1, t, self.source, self.mask, "float32")
-    forward = counter.get_total_flops() / b
-    with FlopCounterMode(display=False) as counter:
-      self._velocity(self.x1, t, self.source, self.mask, "float32").sum().backward()
-    self.optimizer.zero_grad(set_to_none=True)
-    return {"forward": forward, "train": counter.get_total_flops() / b}
-
-  def euler(self, evaluations: int, precision: str) -> None:
-    torch = self.torch
-    self.model.eval()
-    x = self.sample_noise
-    b = x.shape[0]
-    with torch.inference_mode():
-      for i in range(evaluations):
-        t = torch.full((b,), i / evaluations)
-        x = x + self._velocity(x, t, self.sample_source, self.sample_mask,
-                               precision) / evaluations
-
-
 # ----------------------------------------------------------------------------- the run
+
+def with_dtype(model_cfg: model_lib.ModelConfig, dtype: str, attention: str):
+  """``model_cfg`` computing in ``dtype``, its attention kernel re-resolved for that dtype
+  (``auto`` picks cuDNN only for half precision)."""
+  cfg = dataclasses.replace(model_cfg, dtype=dtype, attention=attention)
+  return dataclasses.replace(cfg, attention=cfg.attention_implementation())
+
 
 def run(config, peer: str = "") -> dict:
   s = settings(config)
   workdir_lib.validate_config(config)
   source_shape, target_shape = feature_shapes(config)
+  backend = jax.default_backend()
   try:
     model_cfg = model_lib.config_from(config.model, source_shape, target_shape)
+    dtypes = list(dict.fromkeys([model_cfg.dtype] + [
+        platform_lib.resolve_dtype(d, backend) for d in s.flowmap_dtypes]))
+    configs = {d: model_cfg if d == model_cfg.dtype else
+               with_dtype(model_cfg, d, config.model.get("attention", "auto")) for d in dtypes}
   except ValueError as e:
     raise BenchmarkError(str(e)) from None
   batch = int(config.train.batch_size)
@@ -452,26 +368,36 @@ def run(config, peer: str = "") -> dict:
       "device": device, "device_info": device_info,
       "model": {"dim": model_cfg.dim, "depth": model_cfg.depth, "heads": model_cfg.heads,
                 "kv_heads": model_cfg.kv_heads, "dtype": model_cfg.dtype,
-                "attention": model_cfg.attention, "remat": model_cfg.remat},
+                "attention": model_cfg.attention, "remat": model_cfg.remat,
+                "scan_unroll": model_cfg.scan_unroll},
       "batch": batch, "sample_batch": sample_batch,
       "source_shape": list(source_shape), "target_shape": list(target_shape),
   }
   log = lambda msg: print(f"[benchmark] {msg}", file=sys.stderr, flush=True)
+  log(device)
 
-  # -- flowmap: compile, warm up, the phase's memory
-  memory = HostMemory()
-  fm = Flowmap(config, model_cfg, sample_batch)
-  log(f"flowmap train step compiled in {fm.compile_s:.1f} s")
-  fm.run_steps(int(s.warmup_steps))
-  result["params"] = int(sum(x.size for x in jax.tree.leaves(fm.state["params"])))
-  result["peak_host_memory_mb"] = memory.peak_mb()
-  result["host_memory_increase_mb"] = memory.increase_mb()
+  # -- flowmap: compile, warm up, the phase's memory (model.dtype's; then the other dtypes)
+  flowmaps = {}
+  for d in dtypes:
+    memory = HostMemory()
+    flowmaps[d] = Flowmap(config, configs[d], sample_batch)
+    log(f"flowmap {d} train step compiled in {flowmaps[d].compile_s:.1f} s "
+        f"(attention {configs[d].attention})")
+    flowmaps[d].run_steps(int(s.warmup_steps))
+    if d == model_cfg.dtype:
+      result["params"] = int(sum(x.size for x in jax.tree.leaves(flowmaps[d].state["params"])))
+      result["peak_host_memory_mb"] = memory.peak_mb()
+      result["host_memory_increase_mb"] = memory.increase_mb()
+  fm = flowmaps[model_cfg.dtype]
 
   # -- the peer: build and warm up each precision (eager PyTorch needs one step)
   lumina = None
   if peer == "lumina":
     memory = HostMemory()
-    lumina = LuminaPeer(config, model_cfg, sample_batch)
+    try:
+      lumina = benchmark_peer.LuminaPeer(config, model_cfg, sample_batch)
+    except ValueError as e:
+      raise BenchmarkError(str(e)) from None
     warm = {}
     for p in s.peer_precisions:
       start = time.perf_counter()
@@ -482,12 +408,15 @@ def run(config, peer: str = "") -> dict:
   elif peer:
     raise BenchmarkError(f"unknown peer {peer!r}; the peer is 'lumina'")
 
-  # -- train: the matmul peak, flowmap, the peer, interleaved window by window
+  # -- train: the matmul peaks, flowmap, the peer, interleaved window by window
   n = int(s.peak_matmul_size) or (2048 if device_info["platform"] == "cpu" else 8192)
-  peak = peak_matmul(model_cfg.compute_dtype, n)
+  peaks = {d: peak_matmul(jnp.dtype(d), n) for d in dict.fromkeys(dtypes + ["bfloat16"])}
+  for d, p in peaks.items():
+    p.name = f"peak matmul {d}"
   steps = int(s.steps_per_window)
-  fm_train = Timed("flowmap train", lambda: fm.run_steps(steps), steps * batch)
-  contenders = [peak, fm_train]
+  fm_train = {d: Timed(f"flowmap {d} train", lambda f=f: f.run_steps(steps), steps * batch)
+              for d, f in flowmaps.items()}
+  contenders = [*peaks.values(), *fm_train.values()]
   peer_train = {}
   for p in (s.peer_precisions if lumina else ()):
     if warm[p] * steps > s.max_call_s:
@@ -501,8 +430,17 @@ def run(config, peer: str = "") -> dict:
   round_robin(contenders, int(s.windows), s.budget_s)
   repetitions = {c.name: len(c.times) for c in contenders}
 
-  train_rate = fm_train.rate()
-  peak_flops = peak.rate()
+  by_dtype = {}
+  for d in dtypes:
+    rate = fm_train[d].rate()
+    achieved = rate * flops["train"]
+    by_dtype[d] = {"attention": configs[d].attention, "train_samples_per_s": rate,
+                   "train_tflops": achieved / 1e12,
+                   "mfu": achieved / peaks[d].rate(),
+                   "mfu_bfloat16_peak": achieved / peaks["bfloat16"].rate(),
+                   "compile_s": flowmaps[d].compile_s}
+  train_rate = by_dtype[model_cfg.dtype]["train_samples_per_s"]
+  peak_flops = peaks[model_cfg.dtype].rate()
   achieved = train_rate * flops["train"]
   result.update({
       "train_samples_per_s": train_rate,
@@ -511,8 +449,10 @@ def run(config, peer: str = "") -> dict:
       "flops_per_example": {k: float(v) for k, v in flops.items()},
       "train_tflops": achieved / 1e12,
       "peak_tflops": peak_flops / 1e12,
+      "peak_tflops_by_dtype": {d: p.rate() / 1e12 for d, p in peaks.items()},
       "peak_matmul": {"size": n, "dtype": model_cfg.dtype, "accumulation": "float32"},
       "mfu": achieved / peak_flops,
+      "mfu_bfloat16_peak": achieved / peaks["bfloat16"].rate(),
   })
   sheet = datasheet_tflops(device_info["kind"], model_cfg.compute_dtype)
   if sheet is not None and device_info["platform"] != "cpu":
@@ -520,12 +460,14 @@ def run(config, peer: str = "") -> dict:
     result["mfu_datasheet"] = achieved / 1e12 / sheet
   if fm.xla_flops_raw is not None:
     block = fm.xla_block_flops()
-    xla = fm.xla_flops_raw + (model_cfg.depth - 1) * (block or 0.0)
+    # the scan's body (scan_unroll blocks) is counted once; the other blocks are added
+    xla = fm.xla_flops_raw + (model_cfg.depth - model_cfg.scan_unroll) * (block or 0.0)
     result["xla_flops_per_step"] = xla
     result["flops_check"] = xla / result["flops_per_step"]   # XLA / analytic
   result["peak_device_memory_mb"] = device_peak_memory_mb()
 
-  # -- samplers: compile, then every solver and the peer's Euler loop, interleaved
+  # -- samplers: compile, then every solver (model.dtype), Euler at the first evaluation
+  #    count for the other dtypes, and the peer's Euler loop, interleaved
   compile_s = {"train_step": fm.compile_s, "train_step_cpu": fm.compile_cpu_s}
   sampler_compile = {solver: {} for solver in s.solvers}
   sample_rates = {solver: {} for solver in s.solvers}
@@ -534,12 +476,15 @@ def run(config, peer: str = "") -> dict:
   # The peer's seconds per evaluation, to skip hopeless long loops: first guessed as a third
   # of a train step (forward only), then measured.
   per_eval = {p: warm[p] / 3 * sample_batch / batch for p in peer_sample}
-  for evaluations in s.sample_evaluations:
+  for round_index, evaluations in enumerate(s.sample_evaluations):
     e = str(evaluations)
-    flowmap_timed, peer_timed = {}, {}
+    flowmap_timed, other_timed, peer_timed = {}, {}, {}
     for solver in s.solvers:
       fn, sampler_compile[solver][e] = fm.sampler(solver, int(evaluations))
       flowmap_timed[solver] = Timed(f"flowmap {solver} {e}", fn, sample_batch)
+    for d in (dtypes[1:] if round_index == 0 else ()):
+      fn, _ = flowmaps[d].sampler("euler", int(evaluations))
+      other_timed[d] = Timed(f"flowmap {d} euler {e}", fn, sample_batch)
     for p in peer_sample:
       predicted = per_eval.get(p, 0.0) * evaluations
       if predicted > s.max_call_s:
@@ -549,20 +494,24 @@ def run(config, peer: str = "") -> dict:
         continue
       peer_timed[p] = Timed(f"peer {p} euler {e}",
                             lambda p=p, n=int(evaluations): lumina.euler(n, p), sample_batch)
-    contenders = [*flowmap_timed.values(), *peer_timed.values()]
+    contenders = [*flowmap_timed.values(), *other_timed.values(), *peer_timed.values()]
     log("timing samplers: " + ", ".join(c.name for c in contenders))
     round_robin(contenders, int(s.sample_repeats), s.budget_s)
     repetitions.update({c.name: len(c.times) for c in contenders})
     for solver, c in flowmap_timed.items():
       sample_rates[solver][e] = c.rate()
+    for d, c in other_timed.items():
+      by_dtype[d]["sample_samples_per_s"] = {"euler": {e: c.rate()}}
     for p, c in peer_timed.items():
       peer_sample[p][e] = c.rate()
       per_eval[p] = statistics.median(c.times) / evaluations
+  by_dtype[model_cfg.dtype]["sample_samples_per_s"] = sample_rates
   first = str(s.sample_evaluations[0])
   compile_s["sampler"] = sampler_compile[s.solvers[0]][first]
   result["compile_s"] = compile_s
   result["sampler_compile_s"] = sampler_compile
   result["sample_samples_per_s"] = sample_rates
+  result["flowmap_by_dtype"] = by_dtype
 
   # -- input pipeline, next to what the train step consumes
   rate, source = input_pipeline(config, source_shape, target_shape, s)
@@ -571,10 +520,7 @@ def run(config, peer: str = "") -> dict:
   result["input_over_train"] = rate / train_rate
 
   if lumina is not None:
-    import torch
-    peer_result = {"name": "diffusers.LuminaNextDiT2DModel", "diffusers": lumina.version,
-                   "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-                   "params": lumina.num_params, "host_memory_increase_mb": peer_memory,
+    peer_result = {**lumina.describe(), "host_memory_increase_mb": peer_memory,
                    "flops_per_example": lumina.flops_per_example()}
     for p in s.peer_precisions:
       r = peer_train[p].rate()
@@ -590,11 +536,16 @@ def run(config, peer: str = "") -> dict:
     peer_result["best"] = {"train_samples_per_s": best_train,
                            "sample_samples_per_s": {"euler": best_sample}}
     result["peer"] = peer_result
+    over = lambda r, best: r / best if r is not None and best else None
     result["ratio"] = {
         "train_samples_per_s": train_rate / best_train,
-        "sample_samples_per_s": {solver: {
-            e: (r / best_sample[e] if best_sample.get(e) else None)
-            for e, r in sample_rates[solver].items()} for solver in s.solvers},
+        "sample_samples_per_s": {solver: {e: over(r, best_sample.get(e))
+                                          for e, r in sample_rates[solver].items()}
+                                 for solver in s.solvers},
+        "by_dtype": {d: {"train_samples_per_s": over(v["train_samples_per_s"], best_train),
+                         "euler": {e: over(r, best_sample.get(e)) for e, r in
+                                   v.get("sample_samples_per_s", {}).get("euler", {}).items()}}
+                     for d, v in by_dtype.items()},
         "note": "flowmap / the peer's better precision; samplers against the peer's Euler "
                 "loop at the same number of model evaluations",
     }
@@ -616,8 +567,9 @@ def table(r: dict) -> str:
       f"source {tuple(r['source_shape'])}, target {tuple(r['target_shape'])}",
       f"train            {f(r['train_samples_per_s'])} samples/s, "
       f"{f(r['train_tokens_per_s'], '.0f')} tokens/s, {f(r['train_tflops'], '.4f')} TFLOP/s",
-      f"MFU              {f(100 * r['mfu'], '.1f')}% of a measured matmul peak of "
-      f"{f(r['peak_tflops'], '.4f')} TFLOP/s"
+      f"MFU              {f(100 * r['mfu'], '.1f')}% of a measured {m['dtype']} matmul peak "
+      f"of {f(r['peak_tflops'], '.4f')} TFLOP/s; {f(100 * r['mfu_bfloat16_peak'], '.1f')}% of "
+      f"the bfloat16 peak of {f(r['peak_tflops_by_dtype']['bfloat16'], '.4f')}"
       + (f"; {f(100 * r['mfu_datasheet'], '.1f')}% of the datasheet's "
          f"{r['datasheet_peak_tflops']}" if "mfu_datasheet" in r else ""),
       f"FLOPs per step   {r['flops_per_step'] / 1e9:.1f} G analytic"
@@ -629,6 +581,14 @@ def table(r: dict) -> str:
   for solver, rates in r["sample_samples_per_s"].items():
     lines.append(f"sample {solver:<9} " + ", ".join(
         f"{f(v)} samples/s at {e} evals" for e, v in rates.items()))
+  for d, v in r["flowmap_by_dtype"].items():
+    if d == m["dtype"]:
+      continue
+    euler = v.get("sample_samples_per_s", {}).get("euler", {})
+    lines.append(f"flowmap {d:<8} train {f(v['train_samples_per_s'])} samples/s, MFU "
+                 f"{f(100 * v['mfu'], '.1f')}% ({f(100 * v['mfu_bfloat16_peak'], '.1f')}% of "
+                 f"bfloat16's), compile {f(v['compile_s'], '.1f')} s; euler "
+                 + ", ".join(f"{f(x)} at {e}" for e, x in euler.items()))
   lines.append(f"input pipeline   {f(r['input_samples_per_s'], '.1f')} samples/s "
                f"({f(r['input_over_train'], '.1f')}x the train step's consumption)")
   lines.append(f"host memory      peak {f(r['peak_host_memory_mb'], '.0f')} MB"
@@ -647,6 +607,10 @@ def table(r: dict) -> str:
     lines.append(f"flowmap / peer   train {f(ratio['train_samples_per_s'])}x; "
                  + "; ".join(f"{solver} " + ", ".join(f"{f(v)}x at {e}" for e, v in d.items())
                              for solver, d in ratio["sample_samples_per_s"].items()))
+    for d, v in ratio["by_dtype"].items():
+      if d != m["dtype"]:
+        lines.append(f"  ({d} / peer   train {f(v['train_samples_per_s'])}x; euler "
+                     + ", ".join(f"{f(x)}x at {e}" for e, x in v["euler"].items()) + ")")
   return "\n".join(lines)
 
 
@@ -654,6 +618,7 @@ def main(argv) -> None:
   del argv
   from absl import flags
   FLAGS = flags.FLAGS
+  platform_lib.set_xla_flags()   # before the first JAX computation starts the backend
   try:
     result = run(FLAGS.config, FLAGS.peer)
   except (BenchmarkError, ConfigError) as e:

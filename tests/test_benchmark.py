@@ -16,6 +16,8 @@ import pytest
 from flax import nnx
 
 from flowmap import benchmark
+from flowmap import benchmark_peer
+from flowmap import platform as platform_lib
 from flowmap import model as M
 from flowmap import sharding
 from flowmap import train as train_lib
@@ -53,6 +55,16 @@ def test_cli_prints_the_contract_keys_with_positive_finite_figures(tmp_path):
   assert result["model"]["heads"] == 4
   assert result["source_shape"] == [16, 32] and result["target_shape"] == [16, 24]
   assert isinstance(result["device"], str) and result["device"]
+  if result["device_info"]["platform"] == "cpu":   # the vector features, named
+    assert platform_lib.describe_cpu() in result["device"]
+    assert set(result["device_info"]["cpu_features"]) == platform_lib.cpu_features()
+    assert set(platform_lib.CPU_XLA_FLAGS) <= set(result["device_info"]["xla_flags"].split())
+  assert set(result["flowmap_by_dtype"]) == {"float32", "bfloat16"}
+  for d, figures in result["flowmap_by_dtype"].items():
+    assert _finite_positive(figures["train_samples_per_s"]), d
+    assert _finite_positive(figures["mfu_bfloat16_peak"]), d
+    assert _finite_positive(figures["sample_samples_per_s"]["euler"]["2"]), d
+  assert set(result["peak_tflops_by_dtype"]) == {"float32", "bfloat16"}
   assert 0.8 < result["flops_check"] < 1.3
   assert "train step" in proc.stderr and "samples/s" in proc.stderr   # the table
 
@@ -110,7 +122,7 @@ def test_peer_trains_and_samples_at_the_matched_size():
   config.data.target_shape = (16, 24)
   source_shape, target_shape = benchmark.feature_shapes(config)
   model_cfg = M.config_from(config.model, source_shape, target_shape)
-  peer = benchmark.LuminaPeer(config, model_cfg, sample_batch=2)
+  peer = benchmark_peer.LuminaPeer(config, model_cfg, sample_batch=2)
   blocks = peer.model.layers
   assert len(blocks) == model_cfg.depth
   assert peer.model.config.hidden_size == model_cfg.dim
