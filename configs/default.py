@@ -41,9 +41,10 @@ def get_config():
   c.model.dtype = "float32"     # compute dtype; parameters are always float32
   c.model.remat = "none"        # none | full | dots | dots_no_batch
   c.model.aligned_conditioning = False  # add the source token at the same grid position
-  c.model.attention = "xla"     # xla (jax.nn.dot_product_attention) | einsum
+  c.model.attention = "auto"    # auto (cudnn on GPUs in bf16/fp16, flash on CPUs, else xla)
+                                # | xla | einsum (the plain reference) | flash | cudnn
   c.model.scan_unroll = 1       # blocks per scan iteration: 1 compiles one block (fastest
-                                # compile); more cut the loop's slicing copies
+                                # compile); depth removes the loop's stacking copies
 
   c.flow = ml_collections.ConfigDict()
   c.flow.objective = "flow"     # flow (rectified flow) | regression (the same network
