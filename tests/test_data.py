@@ -63,6 +63,25 @@ def test_normalizer_round_trip(kind):
   assert data_lib.Normalizer.from_json(norm.to_json()).kind == kind
 
 
+def test_normalizer_takes_stored_half_precision_in_numpy_and_under_jit():
+  import jax
+  rng = np.random.default_rng(0)
+  x = (30 * rng.normal(size=(2, 3, 1024))).astype(np.float16)   # sum of squares > 65504
+  for kind in ("standardize", "l2"):
+    norm = data_lib.Normalizer(kind, rng.normal(size=1024), rng.uniform(1, 2, 1024), 5.0)
+    want = norm.encode(x.astype(np.float32))
+    got = norm.encode(x)
+    assert got.dtype == np.float32 and np.all(np.isfinite(got))
+    np.testing.assert_array_equal(got, want)
+    jitted = jax.jit(norm.encode)(jax.numpy.asarray(x))
+    assert jitted.dtype == np.float32
+    np.testing.assert_allclose(np.asarray(jitted), want, rtol=1e-5, atol=1e-5)
+
+
+def test_tensorflow_sees_no_gpu():
+  assert data_lib.tensorflow().config.get_visible_devices("GPU") == []
+
+
 def take(it, n):
   return list(itertools.islice(it, n))
 
@@ -82,6 +101,68 @@ def test_training_order_is_a_function_of_seed_and_step(demo_data):
   assert not np.array_equal(epoch0, epoch1)
 
 
+ROWS, SHARDS = 150, 3
+
+
+@pytest.fixture(scope="module")
+def numbered(tmp_path_factory):
+  """Rows whose feature ``id`` holds the row's index (exact in float16), written
+  round-robin over three shards, beside a random feature ``x``."""
+  path = str(tmp_path_factory.mktemp("numbered"))
+  rng = np.random.default_rng(0)
+  data_lib.write_dataset(path, {"train": [
+      {"key": f"{i:04d}", "features": {"id": np.full((2, 3), i), "x": rng.normal(size=(4, 5))}}
+      for i in range(ROWS)]}, {"id": (2, 3), "x": (4, 5)}, num_shards=SHARDS)
+  return path
+
+
+def ids(batch):
+  return batch["id"][:, 0, 0].astype(int)
+
+
+ROW_BYTES = (2 * 3 + 4 * 5) * 2   # float16
+# always streamed, through a buffer of three windows of 48 rows: several windows an epoch
+STREAMED = dict(in_memory_bytes=0, shuffle_buffer_bytes=3 * 48 * ROW_BYTES)
+
+
+@pytest.mark.parametrize("process_count", [1, 2])
+def test_a_streamed_run_resumes_to_the_uninterrupted_batches(numbered, process_count,
+                                                             monkeypatch):
+  """Over three epochs (9 steps of 16 rows each), resumed inside the first window, at a
+  window's start later in the epoch, at an epoch boundary, just after one, and inside a
+  later window; each window takes 12 rows from each of 4 streams."""
+  monkeypatch.setattr(data_lib, "READ_STREAMS", 4)
+  names, steps = ["id", "x"], 27
+  for p in range(process_count):
+    kw = dict(seed=5, process_index=p, process_count=process_count, **STREAMED)
+    full = take(data_lib.train_batches(numbered, "train", names, 16, **kw), steps)
+    assert full[0]["id"].shape == (16 // process_count, 2, 3)
+    for start in (1, 6, 9, 10, 22):
+      resumed = take(data_lib.train_batches(numbered, "train", names, 16, start_step=start,
+                                            **kw), steps - start)
+      for a, b in zip(full[start:], resumed, strict=True):
+        for n in names:
+          np.testing.assert_array_equal(a[n], b[n])
+
+
+def test_streamed_epochs_see_each_row_once_in_a_new_order_mixing_shards(numbered):
+  kw = dict(seed=1, process_count=2, **STREAMED)
+  per_process = [take(data_lib.train_batches(numbered, "train", ["id"], 16, process_index=p,
+                                             **kw), 18) for p in range(2)]
+  epochs = [[np.concatenate([ids(b) for b in batches[e * 9:(e + 1) * 9]]) for e in range(2)]
+            for batches in per_process]
+  for p in range(2):
+    first, second = epochs[p]
+    assert len(set(first)) == len(first) == 72 and len(set(second)) == 72
+    assert not np.array_equal(first, second)
+  # each process reads its own half of the split (75 rows), the same half every epoch
+  halves = [set(first) | set(second) for first, second in epochs]
+  assert len(halves[0]) <= 75 and len(halves[1]) <= 75 and not halves[0] & halves[1]
+  # the shard is the id modulo 3 (round-robin writing): one process, every batch mixes them
+  batches = take(data_lib.train_batches(numbered, "train", ["id"], 16, seed=1, **STREAMED), 18)
+  assert all(len(set(ids(b) % SHARDS)) > 1 for b in batches)
+
+
 @pytest.mark.parametrize("in_memory_bytes", [2 << 30, 0])
 def test_process_slices_make_up_the_global_batch(demo_data, in_memory_bytes):
   names = ["source_enc"]
@@ -97,13 +178,84 @@ def test_process_slices_make_up_the_global_batch(demo_data, in_memory_bytes):
           one[step]["source_enc"])
 
 
-def test_streaming_resume_replays_the_epoch(demo_data):
-  names = ["source_enc"]
-  kw = dict(seed=2, in_memory_bytes=0, shuffle_buffer=64)
-  full = take(data_lib.train_batches(demo_data, "train", names, 32, **kw), 11)
-  resumed = take(data_lib.train_batches(demo_data, "train", names, 32, start_step=9, **kw), 2)
-  for a, b in zip(full[9:], resumed):
-    np.testing.assert_array_equal(a["source_enc"], b["source_enc"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_batches_carry_the_stored_dtype_and_the_stored_values(tmp_path, dtype):
+  rng = np.random.default_rng(0)
+  data_lib.write_dataset(str(tmp_path), {"train": [
+      {"key": f"{i:03d}", "features": {"id": np.full((1, 2), i), "x": rng.normal(size=(3, 4))}}
+      for i in range(40)]}, {"id": (1, 2), "x": (3, 4)}, dtype=dtype, num_shards=2)
+  raw = data_lib.load_features(str(tmp_path), "train")
+  by_id = {int(i): x for i, x in zip(raw["id"][:, 0, 0], raw["x"])}
+  for in_memory_bytes in (2 << 30, 0):
+    batch = next(data_lib.train_batches(str(tmp_path), "train", ["id", "x"], 8, seed=0,
+                                        in_memory_bytes=in_memory_bytes))
+    assert str(batch["x"].dtype) == dtype
+    for i, x in zip(ids(batch), batch["x"]):
+      np.testing.assert_array_equal(x.astype(np.float32), by_id[i])
+
+
+def test_in_memory_threshold_counts_stored_bytes(numbered, monkeypatch):
+  stored = ROWS * ROW_BYTES   # float32 would be twice that
+
+  def no_streaming(*args, **kwargs):
+    raise AssertionError("streamed")
+  monkeypatch.setattr(data_lib, "_Shuffle", no_streaming)
+  next(data_lib.train_batches(numbered, "train", ["id", "x"], 16, in_memory_bytes=stored))
+  with pytest.raises(AssertionError, match="streamed"):
+    next(data_lib.train_batches(numbered, "train", ["id", "x"], 16, in_memory_bytes=stored - 1))
+
+
+def test_a_resumed_epoch_reads_only_the_windows_from_its_step(numbered):
+  rows = data_lib._Rows(numbered, "train", ["id", "x"])
+  order = data_lib._Shuffle(rows, 2, 144, 3 * 2 * ROW_BYTES)
+  assert order.window == 2 and order.windows > 3
+
+  def read(first_window):
+    pieces, emitted = order.epoch([0, 1, 0], first_window)
+    assert len(emitted) == pieces[:, 3].sum()
+    return [(f, r) for _, f, first, n in pieces for r in range(first, first + n)]
+  whole, resumed = read(0), read(3)
+  assert len(whole) == 144 and len(set(whole)) == 144
+  assert set(resumed) < set(whole) and len(resumed) == 144 - 3 * order.window
+
+
+def test_unshuffled_reading_is_file_order_with_a_last_short_batch(numbered):
+  ds = data_lib.make_dataset(numbered, "train", ["id"], 32, shuffle=False, repeat=False,
+                             limit=70, drop_remainder=False)
+  batches = list(data_lib.iterate_numpy(ds))
+  assert [len(b["id"]) for b in batches] == [32, 32, 6]
+  want = data_lib.load_features(numbered, "train", 70)["id"]
+  np.testing.assert_array_equal(np.sort(np.concatenate([ids(b) for b in batches])),
+                                np.sort(want[:, 0, 0].astype(int)))
+
+
+def test_a_split_string_reads_its_rows_across_shards_in_order(numbered):
+  # file order: shard 0 holds ids 0, 3, 6, ..., shard 1 ids 1, 4, 7, ... (50 rows each)
+  split = "train[2:4]+train[60:63]"
+  assert data_lib.split_info(numbered, split).num_examples == 5
+  batches = list(data_lib.iterate_split(numbered, split, ["id"], batch_size=4))
+  assert [len(b["id"]) for b in batches] == [4, 1]
+  assert list(np.concatenate([ids(b) for b in batches])) == [6, 9, 31, 34, 37]
+  with pytest.raises(data_lib.DataError, match="no 'test' split"):
+    data_lib.split_info(numbered, "train[:3]+test[:3]")
+
+
+def test_normalizers_still_apply_on_the_host_until_the_step_does(numbered):
+  stats = data_lib.load_stats(numbered)
+  norm = data_lib.Normalizer.from_stats(stats, "x", "standardize")
+  kw = dict(seed=2, **STREAMED)
+  raw = next(data_lib.train_batches(numbered, "train", ["id", "x"], 16, **kw))
+  done = next(data_lib.train_batches(numbered, "train", ["id", "x"], 16,
+                                     normalizers={"x": norm}, shuffle_buffer=10_000, **kw))
+  assert done["x"].dtype == np.float32
+  np.testing.assert_array_equal(done["x"], norm.encode(raw["x"]))
+
+
+def test_measure_input_reports_positive_figures(numbered):
+  figures = data_lib.measure_input(numbered, ["id", "x"], 8, batches=3,
+                                   shuffle_buffer_bytes=1 << 16)
+  for key in ("first_batch_s", "samples_per_s", "cpu_ms_per_sample", "mib_per_s", "peak_rss_gib"):
+    assert figures[key] > 0, key
 
 
 def test_too_small_split_is_a_clear_error(demo_data):
