@@ -58,7 +58,7 @@ def test_cli_prints_the_contract_keys_with_positive_finite_figures(tmp_path):
   if result["device_info"]["platform"] == "cpu":   # the vector features, named
     assert platform_lib.describe_cpu() in result["device"]
     assert set(result["device_info"]["cpu_features"]) == platform_lib.cpu_features()
-    assert set(platform_lib.CPU_XLA_FLAGS) <= set(result["device_info"]["xla_flags"].split())
+    assert set(platform_lib.cpu_xla_flags()) <= set(result["device_info"]["xla_flags"].split())
   assert set(result["flowmap_by_dtype"]) == {"float32", "bfloat16"}
   for d, figures in result["flowmap_by_dtype"].items():
     assert _finite_positive(figures["train_samples_per_s"]), d

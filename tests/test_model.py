@@ -323,27 +323,27 @@ def test_cpu_features_and_dtype_auto(tmp_path):
 
 
 def test_set_xla_flags_appends_and_keeps_the_users_flags():
+  native, avx2 = {"avx512f", "avx512_bf16"}, {"avx", "avx2", "fma"}
+  flags = list(P.NATIVE_BF16_XLA_FLAGS)
+  assert flags and P.cpu_xla_flags(native) == tuple(flags) and P.cpu_xla_flags(avx2) == ()
   env = {}
-  assert P.set_xla_flags(env) == list(P.CPU_XLA_FLAGS)
-  assert env["XLA_FLAGS"].split() == list(P.CPU_XLA_FLAGS)
-  assert P.set_xla_flags(env) == [] and env["XLA_FLAGS"].split() == list(P.CPU_XLA_FLAGS)
-  names = [f.split("=")[0] for f in P.CPU_XLA_FLAGS]
-  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8 " +
-                      " ".join(f"{n}=user" for n in names)}
-  assert P.set_xla_flags(env) == []
-  assert env["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=8"] + [
-      f"{n}=user" for n in names]
-  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-  P.set_xla_flags(env)
-  assert env["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=8",
-                                      *P.CPU_XLA_FLAGS]
+  assert P.set_xla_flags(env, avx2) == [] and "XLA_FLAGS" not in env
+  assert P.set_xla_flags(env, native) == flags and env["XLA_FLAGS"].split() == flags
+  assert P.set_xla_flags(env, native) == [] and env["XLA_FLAGS"].split() == flags
+  names = [f.split("=")[0] for f in flags]
+  user = ["--xla_force_host_platform_device_count=8"] + [f"{n}=user" for n in names]
+  env = {"XLA_FLAGS": " ".join(user)}
+  assert P.set_xla_flags(env, native) == [] and env["XLA_FLAGS"].split() == user
+  env = {"XLA_FLAGS": user[0]}
+  P.set_xla_flags(env, native)
+  assert env["XLA_FLAGS"].split() == [user[0], *flags]
 
 
 FLAG_PROBE = """
 import json, sys
 from flowmap import platform
-if sys.argv[1] == "flowmap":
-  platform.set_xla_flags()
+if sys.argv[1] == "flowmap":   # the flags of a CPU with native bfloat16, whatever this one is
+  platform.set_xla_flags(features=platform.NATIVE_BF16_FEATURES)
 import jax, jax.numpy as jnp
 from flax import nnx
 from flowmap import model as M
@@ -376,7 +376,7 @@ def test_flowmaps_xla_flags_keep_the_numerics():
     assert proc.returncode == 0, proc.stderr[-2000:]
     results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
   assert results["plain"]["flags"] == ""
-  assert results["flowmap"]["flags"].split() == list(P.CPU_XLA_FLAGS)
+  assert results["flowmap"]["flags"].split() == list(P.NATIVE_BF16_XLA_FLAGS)
   for dtype, tol in (("float32", 1e-5), ("bfloat16", 1e-2)):
     for key in ("loss", "grad_norm"):
       assert results["flowmap"][dtype][key] == pytest.approx(results["plain"][dtype][key],
