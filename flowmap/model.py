@@ -125,39 +125,38 @@ def linear(x, kernel, bias):
 
 
 def _linear_fwd(x, kernel, bias):
-  return linear(x, kernel, bias), (x, kernel, bias is not None)
+  return linear(x, kernel, bias), (x, kernel, bias)
 
 
-def _kernel_gradient(x, dy):
-  """x^T dy [din, dout] in float32 from x [rows, din], dy [rows, dout].
+def _kernel_gradient_row_major(x, dy):
+  """x^T dy [din, dout] in float32 from x [rows, din], dy [rows, dout], for CPUs.
 
   Contracting the rows of both operands is a layout XLA's CPU matmul library refuses (see
-  attention.row_major_transpose), so on CPUs the narrower operand is copied transposed first:
-  x when din <= dout, else dy, computing (dy^T x)^T (a weights-sized transpose at the end,
-  which the barrier keeps XLA from folding back into the product). Other backends take the
-  contraction as it is."""
-  def canonical(x, dy):
-    if x.shape[1] <= dy.shape[1]:
-      return jnp.dot(attention_lib.row_major_transpose(x), dy,
-                     preferred_element_type=jnp.float32)
-    transposed = jnp.dot(attention_lib.row_major_transpose(dy), x,
-                         preferred_element_type=jnp.float32)
-    return jax.lax.optimization_barrier(transposed).T
+  attention.row_major_transpose), so the narrower operand is copied transposed first: x when
+  din <= dout, else dy, computing (dy^T x)^T (a weights-sized transpose at the end, which the
+  barrier keeps XLA from folding back into the product)."""
+  if x.shape[1] <= dy.shape[1]:
+    return jnp.dot(attention_lib.row_major_transpose(x), dy, preferred_element_type=jnp.float32)
+  transposed = jnp.dot(attention_lib.row_major_transpose(dy), x,
+                       preferred_element_type=jnp.float32)
+  return jax.lax.optimization_barrier(transposed).T
 
-  def direct(x, dy):
-    return jax.lax.dot_general(x, dy, (((0,), (0,)), ((), ())),
-                               preferred_element_type=jnp.float32)
-  return jax.lax.platform_dependent(x, dy, cpu=canonical, default=direct)
+
+def _kernel_gradient_direct(x, dy):
+  """x^T dy as one contraction over the rows: GPU and TPU matmuls take any layout."""
+  return jax.lax.dot_general(x, dy, (((0,), (0,)), ((), ())),
+                             preferred_element_type=jnp.float32)
 
 
 def _linear_bwd(residuals, dy):
-  x, kernel, has_bias = residuals
+  x, kernel, bias = residuals
   dy = dy.astype(x.dtype)
   dx = jax.lax.dot_general(dy, kernel.astype(x.dtype), (((dy.ndim - 1,), (1,)), ((), ())),
                            preferred_element_type=jnp.float32).astype(x.dtype)
   rows_x, rows_dy = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
-  d_kernel = _kernel_gradient(rows_x, rows_dy)
-  d_bias = jnp.sum(rows_dy.astype(jnp.float32), axis=0) if has_bias else None
+  d_kernel = jax.lax.platform_dependent(rows_x, rows_dy, cpu=_kernel_gradient_row_major,
+                                        default=_kernel_gradient_direct)
+  d_bias = None if bias is None else jnp.sum(rows_dy.astype(jnp.float32), axis=0)
   return dx, d_kernel, d_bias
 
 

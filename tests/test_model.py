@@ -194,6 +194,30 @@ def test_remat_and_attention_kernels_do_not_change_the_function(remat, attention
     np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-3)
 
 
+@pytest.mark.parametrize("din,dout,bias", [(24, 40, True), (40, 24, False)])
+def test_linear_gradients_equal_autodiff_of_the_plain_matmul(din, dout, bias):
+  """Both layouts of the CPU kernel gradient (x or dy transposed) and the direct contraction
+  other backends use, with and without a bias."""
+  k = jax.random.split(jax.random.key(0), 4)
+  x = jax.random.normal(k[0], (3, 16, din))
+  kernel = jax.random.normal(k[1], (din, dout))
+  b = jax.random.normal(k[2], (dout,)) if bias else None
+  dy = jax.random.normal(k[3], (3, 16, dout))
+  plain = lambda x, w, b: jnp.dot(x, w) + (0.0 if b is None else b)
+  expected = jax.vjp(plain, x, kernel, b)[1](dy)
+  out, pullback = jax.vjp(jax.jit(M.linear), x, kernel, b)
+  np.testing.assert_allclose(out, plain(x, kernel, b), rtol=1e-5, atol=1e-5)
+  for got, want in zip(pullback(dy), expected):
+    assert (got is None) == (want is None)
+    if want is not None:
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+  rows_x, rows_dy = x.reshape(-1, din), dy.reshape(-1, dout)
+  np.testing.assert_allclose(M._kernel_gradient_direct(rows_x, rows_dy), expected[1],
+                             rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(jax.jit(M._kernel_gradient_row_major)(rows_x, rows_dy),
+                             expected[1], rtol=1e-5, atol=1e-4)
+
+
 # ----------------------------------------------------------------------------- bfloat16
 
 # Large enough that XLA hands its matmuls to YNNPACK (which takes bfloat16 only in some
