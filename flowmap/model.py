@@ -31,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 from flowmap import attention as attention_lib
+from flowmap import linear as linear_lib
 from flowmap import platform as platform_lib
 
 SIZES = {  # dim, depth, heads, kv_heads
@@ -61,7 +62,8 @@ class ModelConfig:
   mlp_ratio: float = 4.0
   dtype: str = "float32"          # compute dtype (config_from resolves "auto")
   remat: str = "none"
-  aligned_conditioning: bool = False
+  aligned_conditioning: bool = False   # the source resampled onto each target position
+  linear_prior: bool = False   # the closed-form linear map's estimate as an input
   rope_theta: float = 10000.0
   attention: str = "auto"         # attention.IMPLEMENTATIONS; "auto" picks per backend
   scan_unroll: int = 1            # blocks per scan iteration (1: one compiled block)
@@ -104,6 +106,7 @@ def config_from(model_cfg, source_shape, target_shape) -> ModelConfig:
       depth=depth, heads=heads, kv_heads=kv_heads, mlp_ratio=model_cfg.get("mlp_ratio", 4.0),
       dtype=platform_lib.resolve_dtype(model_cfg.get("dtype", "auto"), backend),
       remat=model_cfg.remat, aligned_conditioning=bool(model_cfg.aligned_conditioning),
+      linear_prior=bool(model_cfg.get("linear_prior", False)),
       attention=model_cfg.get("attention", "auto"),
       scan_unroll=max(1, min(int(model_cfg.get("scan_unroll", 1)), depth)))
   return dataclasses.replace(cfg, attention=cfg.attention_implementation(backend))
@@ -364,10 +367,12 @@ class NextDiT(nnx.Module):
     self.source_proj = Dense(ds, d, rngs=rngs, dtype=dt)
     self.source_pool = Dense(d, cfg.cond_dim, rngs=rngs, dtype=dt)
     self.null_source = nnx.Param(jnp.zeros((d,), jnp.float32))
-    if cfg.aligned_conditioning and not self.grids_aligned(cfg):
-      raise ValueError("aligned_conditioning needs source and target on equal square "
-                       f"grids; got {cfg.source_shape} and {cfg.target_shape}")
+    # Direct per-position paths from the source, whatever the two token layouts: the source
+    # resampled onto the target's positions (identity for equal grids, area averaging from a
+    # finer grid, interpolation from a coarser one, the mean for a pooled target, a copy of a
+    # pooled source), and the closed-form linear map's estimate of the target.
     self.aligned = Dense(d, d, rngs=rngs, dtype=dt) if cfg.aligned_conditioning else None
+    self.prior_in = Dense(dt_in, d, rngs=rngs, dtype=dt) if cfg.linear_prior else None
 
     @nnx.split_rngs(splits=cfg.depth)
     @nnx.vmap(in_axes=(0,), out_axes=0)
@@ -391,17 +396,20 @@ class NextDiT(nnx.Module):
     return target, None
 
   @staticmethod
-  def grids_aligned(cfg: ModelConfig) -> bool:
-    nt, ns = cfg.target_shape[0], cfg.source_shape[0]
-    return nt == ns and grid_positions(nt).shape[1] == 2
+  def resampling(cfg: ModelConfig):
+    """[Nt, Ns]: the source tokens carried onto the target's positions. A constant."""
+    return jnp.asarray(linear_lib.resampling_matrix(cfg.source_shape[0], cfg.target_shape[0]),
+                       jnp.float32)
 
-  def source_context(self, source, drop=None) -> dict:
+  def source_context(self, source, drop=None, prior=None) -> dict:
     """The time-independent half of the network: source [B, Ns, Ds] (raw model input),
     drop [B] bool or None (rows that see the learned null source instead, for classifier-free
-    guidance) -> a dict of arrays, B leading or second:
+    guidance), prior [B, Nt, Dt] (the linear map's estimate of the target in the model's
+    space; only with linear_prior, zero for dropped rows) -> a dict of arrays, B leading or
+    second:
       ``condition``   [B, cond_dim] float32: the pooled source's share of c;
-      ``aligned``     [B, Nt, dim]: the source token added at each target position
-                      (only with aligned_conditioning);
+      ``aligned``     [B, Nt, dim]: the source resampled onto each target position, added
+                      there (only with aligned_conditioning), plus the projected prior;
       ``source_k``, ``source_v``  [depth, B, kv_heads, Ns, head_dim]: every block's
                       cross-attention keys (normalised, rotated on grids) and values.
     Costs depth x B x Ns x 2 x kv_heads x head_dim of memory in the compute dtype."""
@@ -411,8 +419,18 @@ class NextDiT(nnx.Module):
       s = jnp.where(drop[:, None, None], self.null_source[...].astype(s.dtype), s)
     context = {"condition": self.source_pool(jnp.mean(s.astype(jnp.float32), axis=1))
                .astype(jnp.float32)}
+    per_position = []
     if self.aligned is not None:
-      context["aligned"] = self.aligned(s)
+      on_target = jnp.einsum("ts,bsd->btd", self.resampling(cfg), s.astype(jnp.float32))
+      per_position.append(self.aligned(on_target.astype(s.dtype)))
+    if self.prior_in is not None:
+      if prior is None:
+        raise ValueError("this model takes the linear map's estimate (linear_prior): pass prior")
+      if drop is not None:
+        prior = jnp.where(drop[:, None, None], 0.0, prior)
+      per_position.append(self.prior_in(prior))
+    if per_position:
+      context["aligned"] = sum(per_position)
     # Every block's source projection as one matmul: the stacked kernels [depth, dim, 2kv]
     # side by side as [dim, depth * 2kv].
     kernels = self.blocks.attention.source_kv.kernel[...]
@@ -435,7 +453,7 @@ class NextDiT(nnx.Module):
     c = self.time_mlp2(jax.nn.silu(self.time_mlp1(timestep_embedding(t))))
     c = (c.astype(jnp.float32) + context["condition"]).astype(cfg.compute_dtype)
     h = self.in_proj(x)
-    if self.aligned is not None:
+    if "aligned" in context:
       h = h + context["aligned"]
 
     target_angles, source_angles = self.rope_tables(cfg)
@@ -458,8 +476,8 @@ class NextDiT(nnx.Module):
     out = self.final(layer_norm(h) * (1 + scale))
     return out.astype(jnp.float32)
 
-  def __call__(self, x, t, source, drop=None):
-    return self.velocity(x, t, self.source_context(source, drop))
+  def __call__(self, x, t, source, drop=None, prior=None):
+    return self.velocity(x, t, self.source_context(source, drop, prior))
 
 
 def flops(cfg: ModelConfig) -> dict:
@@ -480,8 +498,9 @@ def flops(cfg: ModelConfig) -> dict:
                + 2 * nt * nt * d + 2 * nt * ns * d  # q k^T and p v, self and cross
                + nt * d * d                        # out
                + nt * d * 3 * hidden)              # SwiGLU
-  data_proj = 2 * (nt * dt_in * d + ns * ds * d + 256 * cond)
+  data_proj = 2 * (nt * dt_in * d + ns * ds * d + 256 * cond
+                   + (nt * dt_in * d if cfg.linear_prior else 0))
   rest = 2 * (cond * cond + d * cond + cond * d + nt * d * dt_in
-              + (nt * d * d if cfg.aligned_conditioning else 0))
+              + ((nt * ns * d + nt * d * d) if cfg.aligned_conditioning else 0))
   forward = data_proj + rest + cfg.depth * block
   return {"forward": forward, "block": block, "train": 3 * forward - data_proj}

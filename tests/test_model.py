@@ -153,10 +153,35 @@ def test_named_sizes(size, expected):
   assert (mc.dim, mc.depth, mc.heads, mc.kv_heads) == (32, 1, 2, 2)
 
 
-def test_aligned_conditioning_needs_equal_grids():
-  with pytest.raises(ValueError, match="aligned_conditioning"):
-    M.NextDiT(dataclasses.replace(CFG, aligned_conditioning=True, source_shape=(4, 24)),
-              rngs=nnx.Rngs(0))
+@pytest.mark.parametrize("source_shape,target_shape", [
+    ((16, 24), (16, 12)), ((64, 24), (16, 12)), ((4, 24), (16, 12)), ((1, 24), (16, 12)),
+    ((16, 24), (1, 12)), ((7, 24), (5, 12))],
+    ids=["equal", "finer", "coarser", "pooled-to-grid", "grid-to-pooled", "1d"])
+def test_every_layout_gets_a_per_position_source_path(source_shape, target_shape):
+  """aligned_conditioning resamples the projected source onto the target positions (any
+  layouts), linear_prior adds the linear map's estimate there; both run at every layout, a
+  dropped row sees neither, and the paths are local: a source token reaches only the target
+  positions that resample it."""
+  cfg = dataclasses.replace(CFG, source_shape=source_shape, target_shape=target_shape,
+                            aligned_conditioning=True, linear_prior=True)
+  model = perturbed(M.NextDiT(cfg, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(model)
+  context = jax.jit(lambda st, s, d, p: nnx.merge(graphdef, st).source_context(s, d, p))
+  x, t, s = inputs(cfg)
+  prior = jax.random.normal(jax.random.key(5), (3, *target_shape))
+  drop = jnp.array([False, True, False])
+  a = context(state, s, drop, prior)["aligned"]
+  assert a.shape == (3, target_shape[0], cfg.dim)
+  b = context(state, s, drop, prior + 1.0)["aligned"]
+  assert not np.allclose(a[0], b[0]) and np.allclose(a[1], b[1])   # row 1 dropped
+  moved = s.at[:, 0].add(3.0)
+  c = context(state, moved, jnp.zeros(3, bool), prior)["aligned"]
+  d = context(state, s, jnp.zeros(3, bool), prior)["aligned"]
+  reached = np.abs(np.asarray(c - d)).max((0, 2)) > 1e-6
+  expected = M.NextDiT.resampling(cfg)[:, 0] > 0
+  np.testing.assert_array_equal(reached, np.asarray(expected))
+  y = run(model, x, t, s, None, prior)
+  assert y.shape == (3, *target_shape) and np.isfinite(np.asarray(y)).all()
 
 
 def test_bfloat16_compute_keeps_float32_params_and_stays_close():
