@@ -23,9 +23,11 @@ machine in both precisions; ``ratio`` is flowmap over the peer's better precisio
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import math
+import multiprocessing
 import os
 import platform
 import statistics
@@ -63,8 +65,8 @@ DEFAULTS = {
     "max_call_s": 600.0,        # a call predicted to take longer than this is skipped
     "peak_matmul_size": 0,      # 0: 2048 on CPUs, 8192 on accelerators
     "input_examples": 128,      # rows of the synthetic dataset written when data.dir is empty
-    "input_batches": 40,
-    "input_shuffle_buffer": 256,
+    "input_batches": 40,        # batches timed after the first (data.shuffle_buffer_mb
+                                # sets the reader's shuffle memory, as in training)
     "peer_precisions": benchmark_peer.PRECISIONS,
     "flowmap_dtypes": (),       # also time flowmap's train step and first Euler sampler in
                                 # these compute dtypes (model.dtype is always timed)
@@ -132,16 +134,68 @@ class Timed:
     return self.units / statistics.median(self.times) if self.times else None
 
 
-def round_robin(contenders: list[Timed], repeats: int, budget_s: float) -> None:
+class HostLoad:
+  """What else ran on the machine during one stretch of timed work: the cores that other
+  processes kept busy (the machine's busy time in /proc/stat less this process's own CPU
+  time), the cores the hypervisor gave to other guests (steal), and the 1-minute load
+  average (which counts this process's threads too). Linux; None elsewhere."""
+
+  def __init__(self):
+    self.start = self._sample()
+
+  @staticmethod
+  def _sample():
+    try:
+      with open("/proc/stat") as f:
+        ticks = [int(v) for v in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+      return None
+    hz = os.sysconf("SC_CLK_TCK")
+    user, nice, system, _, _, irq, softirq, steal = ticks
+    own = os.times()
+    return {"wall": time.perf_counter(), "busy": (user + nice + system + irq + softirq) / hz,
+            "steal": steal / hz, "own": own.user + own.system}
+
+  def stop(self) -> Optional[dict]:
+    end = self._sample()
+    if end is None or self.start is None or end["wall"] <= self.start["wall"]:
+      return None
+    d = {k: end[k] - self.start[k] for k in end}
+    return {"other_cores": max(0.0, (d["busy"] - d["own"]) / d["wall"]),
+            "steal_cores": d["steal"] / d["wall"], "load1": os.getloadavg()[0]}
+
+
+def summarise_load(rounds: list) -> dict:
+  """min / mean / max over the timed rounds of each HostLoad figure."""
+  rounds = [r for r in rounds if r is not None]
+  summary = {"cpus": os.cpu_count(), "rounds": len(rounds),
+             "note": "other_cores: cores busy with other processes while the contenders ran "
+                     "(0 on a quiet machine); steal_cores: taken by other guests of the "
+                     "hypervisor; load1: the 1-minute load average, this process included"}
+  for key in ("other_cores", "steal_cores", "load1"):
+    values = [r[key] for r in rounds]
+    if values:
+      summary[key] = {"min": min(values), "mean": statistics.fmean(values),
+                      "max": max(values)}
+  return summary
+
+
+def round_robin(contenders: list[Timed], repeats: int, budget_s: float) -> list:
   """Times every contender once per round, so that load changes hit all of them alike; a
-  contender whose timed work passed ``budget_s`` sits out the remaining rounds."""
+  contender whose timed work passed ``budget_s`` sits out the remaining rounds. Returns each
+  round's HostLoad figures: on a shared machine they say how far the figures are from a
+  quiet machine's."""
+  loads = []
   for r in range(repeats):
+    load = HostLoad()
     for c in contenders:
       if r and sum(c.times) > budget_s:
         continue
       start = time.perf_counter()
       c.run()
       c.times.append(time.perf_counter() - start)
+    loads.append(load.stop())
+  return loads
 
 
 def peak_matmul(dtype, n: int) -> Timed:
@@ -304,37 +358,35 @@ def _cost_flops(compiled) -> Optional[float]:
 
 # ----------------------------------------------------------------------------- input
 
-def input_pipeline(config, source_shape, target_shape, s) -> tuple[float, str]:
-  """samples/s of the tf.data reader that feeds training (streaming from TFRecords, not the
+def input_pipeline(config, source_shape, target_shape, s) -> dict:
+  """data.measure_input's figures for the streamed reader that feeds training (not the
   in-memory path small splits take), on config.data.dir or on a synthetic features dataset
-  of the configured shapes written to a temporary directory."""
+  of the configured shapes in float16, written to a temporary directory.
+
+  Measured in a fresh process of its own, so that its CPU time and peak memory are the
+  reader's alone (measure_input reads the process's)."""
   names = [config.data.source or "source", config.data.target or "target"]
-  batch = config.train.batch_size
+  batch = int(config.train.batch_size)
   with tempfile.TemporaryDirectory(prefix="flowmap-bench-") as tmp:
     data_dir = config.data.dir
     if not data_dir:
       data_dir = tmp
       rng = np.random.default_rng(config.seed)
-      rows = max(int(s.input_examples), batch)
       data_lib.write_dataset(
           data_dir, {"train": ({"key": f"{i:06d}", "features": {
               names[0]: rng.standard_normal(source_shape, np.float32),
               names[1]: rng.standard_normal(target_shape, np.float32)}}
-              for i in range(rows))},
+              for i in range(max(int(s.input_examples), batch)))},
           {names[0]: source_shape, names[1]: target_shape})
-    stats = data_lib.load_stats(data_dir)
-    normalizers = {n: data_lib.Normalizer.from_stats(stats, n, config.data.normalize)
-                   for n in names}
-    batches = data_lib.train_batches(
-        data_dir, "train", names, batch, normalizers=normalizers, seed=config.seed,
-        shuffle_buffer=int(s.input_shuffle_buffer), in_memory_bytes=0)
-    for _ in range(4):
-      next(batches)
-    start = time.perf_counter()
-    for _ in range(int(s.input_batches)):
-      next(batches)
-    rate = s.input_batches * batch / (time.perf_counter() - start)
-  return rate, config.data.dir or "synthetic TFRecords"
+    spawn = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
+      figures = pool.submit(
+          data_lib.measure_input, data_dir, names, batch, batches=int(s.input_batches),
+          seed=int(config.seed),
+          shuffle_buffer_bytes=int(config.data.shuffle_buffer_mb * 2 ** 20)).result()
+    rows = data_lib.load_stats(data_dir)["features"][names[0]]["count"]   # of the train split
+  return {**figures, "dataset": config.data.dir or "synthetic TFRecords (float16)",
+          "rows": rows}
 
 
 # ----------------------------------------------------------------------------- the run
@@ -427,7 +479,7 @@ def run(config, peer: str = "") -> dict:
                             steps * batch)
     contenders.append(peer_train[p])
   log("timing train windows: " + ", ".join(c.name for c in contenders))
-  round_robin(contenders, int(s.windows), s.budget_s)
+  load = round_robin(contenders, int(s.windows), s.budget_s)
   repetitions = {c.name: len(c.times) for c in contenders}
 
   by_dtype = {}
@@ -496,7 +548,7 @@ def run(config, peer: str = "") -> dict:
                             lambda p=p, n=int(evaluations): lumina.euler(n, p), sample_batch)
     contenders = [*flowmap_timed.values(), *other_timed.values(), *peer_timed.values()]
     log("timing samplers: " + ", ".join(c.name for c in contenders))
-    round_robin(contenders, int(s.sample_repeats), s.budget_s)
+    load += round_robin(contenders, int(s.sample_repeats), s.budget_s)
     repetitions.update({c.name: len(c.times) for c in contenders})
     for solver, c in flowmap_timed.items():
       sample_rates[solver][e] = c.rate()
@@ -514,10 +566,12 @@ def run(config, peer: str = "") -> dict:
   result["flowmap_by_dtype"] = by_dtype
 
   # -- input pipeline, next to what the train step consumes
-  rate, source = input_pipeline(config, source_shape, target_shape, s)
-  result["input_samples_per_s"] = rate
-  result["input_dataset"] = source
-  result["input_over_train"] = rate / train_rate
+  #    (on a CPU the reader and the step share the cores: input_cores_at_train_rate is the
+  #    share the reader would take from the step at its rate)
+  result["input"] = input_pipeline(config, source_shape, target_shape, s)
+  result["input_samples_per_s"] = result["input"]["samples_per_s"]
+  result["input_over_train"] = result["input_samples_per_s"] / train_rate
+  result["input_cores_at_train_rate"] = train_rate * result["input"]["cpu_ms_per_sample"] / 1e3
 
   if lumina is not None:
     peer_result = {**lumina.describe(), "host_memory_increase_mb": peer_memory,
@@ -550,6 +604,7 @@ def run(config, peer: str = "") -> dict:
                 "loop at the same number of model evaluations",
     }
   result["repetitions"] = repetitions
+  result["host_load"] = summarise_load(load)
   if skipped:
     result["skipped"] = skipped
   return result
@@ -589,8 +644,19 @@ def table(r: dict) -> str:
                  f"{f(100 * v['mfu'], '.1f')}% ({f(100 * v['mfu_bfloat16_peak'], '.1f')}% of "
                  f"bfloat16's), compile {f(v['compile_s'], '.1f')} s; euler "
                  + ", ".join(f"{f(x)} at {e}" for e, x in euler.items()))
+  i = r["input"]
   lines.append(f"input pipeline   {f(r['input_samples_per_s'], '.1f')} samples/s "
-               f"({f(r['input_over_train'], '.1f')}x the train step's consumption)")
+               f"({f(r['input_over_train'], '.1f')}x the train step's consumption), "
+               f"{f(i['mib_per_s'], '.0f')} MiB/s, {f(i['cpu_ms_per_sample'], '.1f')} CPU ms "
+               f"a sample ({f(r['input_cores_at_train_rate'], '.2f')} cores at the train "
+               f"rate), first batch {f(i['first_batch_s'], '.1f')} s, peak "
+               f"{f(i['peak_rss_gib'], '.2f')} GiB; {i['dataset']}, {i['rows']} rows")
+  load = r["host_load"]
+  if "other_cores" in load:
+    span = lambda k: f"{load[k]['min']:.2f}-{load[k]['max']:.2f}"
+    lines.append(f"host load        other processes {span('other_cores')} cores, steal "
+                 f"{span('steal_cores')}, load average {span('load1')} "
+                 f"({load['cpus']} CPUs, {load['rounds']} timed rounds)")
   lines.append(f"host memory      peak {f(r['peak_host_memory_mb'], '.0f')} MB"
                + (f", device peak {f(r['peak_device_memory_mb'], '.0f')} MB"
                   if r.get("peak_device_memory_mb") else ""))

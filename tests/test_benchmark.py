@@ -65,6 +65,15 @@ def test_cli_prints_the_contract_keys_with_positive_finite_figures(tmp_path):
     assert _finite_positive(figures["mfu_bfloat16_peak"]), d
     assert _finite_positive(figures["sample_samples_per_s"]["euler"]["2"]), d
   assert set(result["peak_tflops_by_dtype"]) == {"float32", "bfloat16"}
+  load = result["host_load"]
+  if os.path.exists("/proc/stat"):
+    assert load["rounds"] > 0
+    for key in ("other_cores", "steal_cores", "load1"):
+      assert 0 <= load[key]["min"] <= load[key]["mean"] <= load[key]["max"], key
+  for key in ("first_batch_s", "cpu_ms_per_sample", "mib_per_s", "peak_rss_gib"):
+    assert _finite_positive(result["input"][key]), key
+  assert result["input"]["samples_per_s"] == result["input_samples_per_s"]
+  assert _finite_positive(result["input_cores_at_train_rate"])
   assert 0.8 < result["flops_check"] < 1.3
   assert "train step" in proc.stderr and "samples/s" in proc.stderr   # the table
 
