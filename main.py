@@ -72,14 +72,20 @@ def main(argv):
   config_name = os.path.splitext(os.path.basename(config_flags.get_config_filename(
       FLAGS["config"])))[0]
   workdir = FLAGS.workdir or os.path.join("runs", config_name)
+  from flowmap import platform
+  platform.set_xla_flags()   # before JAX starts: XLA reads its flags once
+  from flowmap import data
+  data.tensorflow()          # imported once, GPUs hidden from it, before anything uses it
   try:
     from flowmap import sharding
     sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                     FLAGS.process_id)
     import jax
     if jax.process_index() == 0:
+      dtype = platform.resolve_dtype(config.model.dtype, jax.default_backend())
       print(f"flowmap {FLAGS.mode}: {config_name} -> {workdir} on {jax.device_count()} "
-            f"{jax.devices()[0].platform} device(s), {jax.process_count()} process(es)")
+            f"{jax.devices()[0].platform} device(s), {jax.process_count()} process(es), "
+            f"compute dtype {dtype}")
     if FLAGS.mode == "train":
       from flowmap import train
       results = train.train_and_evaluate(config, workdir)

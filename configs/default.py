@@ -21,7 +21,9 @@ def get_config():
   c.data.overfit_size = 0       # > 0: train and evaluate on the first N training examples
   c.data.source_shape = ml_collections.config_dict.placeholder(tuple)  # (tokens, dim)
   c.data.target_shape = ml_collections.config_dict.placeholder(tuple)
-  c.data.shuffle_buffer = 10_000
+  c.data.shuffle_buffer_mb = 512   # host memory for shuffling a streamed split: about
+                                # three windows of serialised records, each at least one
+                                # batch; more buys I/O slack on a GPU node, not more mixing
   c.data.in_memory_gb = 2.0     # a training split up to this size (stored dtype) is held in
                                 # memory and permuted exactly; larger ones stream (0: always)
   c.data.synthetic = ml_collections.ConfigDict()   # used when data.dir is empty (the demo)
@@ -38,9 +40,13 @@ def get_config():
   c.model.heads = 0
   c.model.kv_heads = 0          # grouped-query attention: fewer KV heads than heads
   c.model.mlp_ratio = 4.0
-  c.model.dtype = "float32"     # compute dtype; parameters are always float32
+  c.model.dtype = "auto"        # compute dtype (auto: bfloat16 on GPUs and on CPUs with native
+                                # bfloat16 matmuls, float32 elsewhere); parameters float32
   c.model.remat = "none"        # none | full | dots | dots_no_batch
-  c.model.aligned_conditioning = False  # add the source token at the same grid position
+  c.model.aligned_conditioning = True   # add the source, resampled onto the target's token
+                                # layout, at each target position (any two layouts)
+  c.model.linear_prior = True   # the closed-form linear map's estimate as an input at each
+                                # target position (fitted on eval.baseline_rows rows)
   c.model.attention = "auto"    # auto (cudnn on GPUs in bf16/fp16, flash on CPUs, else xla)
                                 # | xla | einsum (the plain reference) | flash | cudnn
   c.model.scan_unroll = 1       # blocks per scan iteration: 1 compiles one block (fastest
@@ -50,6 +56,7 @@ def get_config():
   c.flow.objective = "flow"     # flow (rectified flow) | regression (the same network
                                 # fitted to the target with MSE: a mean, no samples)
   c.flow.time_sampling = "logit_normal"  # uniform | logit_normal | shifted
+  c.flow.mean_fraction = 0.0    # share of examples trained at t = 0 (the mean mode's time)
   c.flow.logit_mean = 0.0
   c.flow.logit_std = 1.0
   c.flow.shift = 1.0
@@ -85,7 +92,9 @@ def get_config():
                                 # averaged (that many model evaluations)
   c.eval.num_samples = 4        # samples per image for the energy score in --mode eval
   c.eval.batch_size = 128
-  c.eval.baseline_rows = 2048   # training rows the ridge baseline is fitted on (cached)
+  c.eval.baseline_rows = 2048   # training rows (spread over the split) that the linear map
+                                # and the baseline ladder are fitted on (cached)
+  c.eval.baselines = ("procrustes", "mlp")   # rungs fitted next to the mean and the ridge
   c.eval.sweep_solvers = ("euler", "heun")                 # --mode eval sweeps these
   c.eval.sweep_evaluations = (1, 2, 4, 8, 16, 32, 50)      # model evaluations per sample
   c.eval.sweep_guidances = ()   # guidance scales swept besides 1 (needs flow.cond_dropout > 0)

@@ -7,6 +7,10 @@ never imports TensorFlow or PyTorch (reading a TFRecord dataset with ``load_feat
 need TensorFlow).
 """
 
+from flowmap import platform as _platform
+
+_platform.set_xla_flags(warn=False)   # before JAX starts; see flowmap/platform.py
+
 __all__ = ["Mapper", "load_features"]
 
 

@@ -29,16 +29,18 @@ class Preempted(Exception):
 NORMALIZATIONS = ("standardize", "l2", "none")
 SOLVERS = ("euler", "heun")
 TIME_SAMPLINGS = ("uniform", "logit_normal", "shifted")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")   # auto: flowmap.platform.resolve_dtype
 MODES = ("sample", "mean")
-OBJECTIVES = ("flow", "regression")   # a sample of p(target | source), or an estimate of its mean
+OBJECTIVES = ("flow", "regression")
+RESIDUALS = ("linear", "none")
+BASELINES = ("procrustes", "mlp")   # optional rungs next to the mean target and the ridge   # what the model's target is relative to   # a sample of p(target | source), or an estimate of its mean
 
 
-def validate(config, sizes, remat_policies) -> None:
+def validate(config, sizes, remat_policies, attentions) -> None:
   """Every value check of a config; all problems in one ConfigError.
 
-  ``sizes`` and ``remat_policies`` are the model's named sizes and remat policies (passed in,
-  so that this module stays below the model)."""
+  ``sizes``, ``remat_policies`` and ``attentions`` are the model's named sizes, remat
+  policies and attention kernels (passed in, so that this module stays below the model)."""
   c = config
   problems = []
   if c.train.steps <= 0:
@@ -67,6 +69,9 @@ def validate(config, sizes, remat_policies) -> None:
     problems.append(f"eval.mode must be one of {MODES}, got {c.eval.mode!r}")
   if c.map.mode not in MODES:
     problems.append(f"map.mode must be one of {MODES}, got {c.map.mode!r}")
+  unknown = sorted(set(c.eval.baselines) - set(BASELINES))
+  if unknown:
+    problems.append(f"eval.baselines may name {BASELINES}, got {unknown}")
   if c.eval.mean_draws < 1:
     problems.append(f"eval.mean_draws must be >= 1, got {c.eval.mean_draws}")
   if c.eval.num_samples < 2:
@@ -74,6 +79,8 @@ def validate(config, sizes, remat_policies) -> None:
                     f"got {c.eval.num_samples}")
   if c.eval.batch_size <= 0:
     problems.append(f"eval.batch_size must be positive, got {c.eval.batch_size}")
+  if not 0.0 <= c.flow.mean_fraction < 1.0:
+    problems.append(f"flow.mean_fraction must be in [0, 1), got {c.flow.mean_fraction}")
   if not 0.0 <= c.flow.cond_dropout < 1.0:
     problems.append(f"flow.cond_dropout must be in [0, 1), got {c.flow.cond_dropout}")
   if not 0.0 <= c.train.ema_decay < 1.0:
@@ -90,7 +97,7 @@ def validate(config, sizes, remat_policies) -> None:
   if c.model.remat not in remat_policies:
     problems.append(f"model.remat must be one of {list(remat_policies)}")
   if c.model.dtype not in DTYPES:
-    problems.append(f"model.dtype must be float32, bfloat16 or float16, got {c.model.dtype!r}")
+    problems.append(f"model.dtype must be one of {DTYPES}, got {c.model.dtype!r}")
   if not c.data.source or not c.data.target:
     problems.append("data.source and data.target must name stored features")
   for role in ("source", "target"):
@@ -98,6 +105,9 @@ def validate(config, sizes, remat_policies) -> None:
       shape_or_none(c.data[f"{role}_shape"])
     except ConfigError as e:
       problems.append(f"data.{role}_shape: {e}")
+  if c.model.attention not in attentions:
+    problems.append(f"model.attention must be one of {list(attentions)}, got "
+                    f"{c.model.attention!r}")
   if problems:
     raise ConfigError("; ".join(problems))
 

@@ -18,6 +18,7 @@ import numpy as np
 from flowmap import baselines as baselines_lib
 from flowmap import checkpoint as checkpoint_lib
 from flowmap import data as data_lib
+from flowmap import flow
 from flowmap import plots
 from flowmap import sampling
 from flowmap import sharding
@@ -27,24 +28,25 @@ from flowmap.metrics import Metrics
 
 
 class Evaluator:
-  """Samples the fixed held-out rows with the ODE sampler and scores them in raw space.
+  """Samples the fixed held-out rows and scores them in the raw target space.
 
-  ``source`` is normalised, ``target_raw`` raw; both numpy, identical on every process. Each
-  batch is padded to the (device-divisible) batch size, split between processes, sampled on
-  the mesh and gathered back, so every process computes the same figures. ``baseline`` (the
-  ``baseline/...`` figures of the same rows) is reported next to every evaluation.
+  ``source_raw`` and ``target_raw`` are numpy, identical on every process; ``spec`` maps
+  them into the model's space and its outputs back. Each batch is padded to the
+  (device-divisible) batch size, split between processes, sampled on the mesh and gathered
+  back, so every process computes the same figures. ``baseline`` (the ``baseline/...``
+  figures of the same rows) is reported next to every evaluation.
   """
 
-  def __init__(self, graphdef, mesh, source: np.ndarray, target_raw: np.ndarray,
-               target_normalizer, batch_size: int, seed: int,
-               baseline: Optional[dict] = None, mean_draws: int = 4,
-               objective: str = "flow"):
-    self.graphdef, self.mesh = graphdef, mesh
-    self.source = np.asarray(source, np.float32)
+  def __init__(self, graphdef, mesh, spec, source_raw: np.ndarray, target_raw: np.ndarray,
+               batch_size: int, seed: int, baseline: Optional[dict] = None,
+               mean_draws: int = 4, objective: str = "flow", directions=None):
+    self.graphdef, self.mesh, self.spec = graphdef, mesh, spec
+    self.directions = directions
+    self.source_raw = np.asarray(source_raw, np.float32)
+    self.condition = spec.condition(self.source_raw)   # the model's inputs, numpy
     self.target_raw = np.asarray(target_raw, np.float32)
-    self.normalizer = target_normalizer
     n_dev = mesh.devices.size   # batches: a multiple of the devices, no larger than needed
-    self.batch_size = -(-min(batch_size, max(len(self.source), 1)) // n_dev) * n_dev
+    self.batch_size = -(-min(batch_size, max(len(self.source_raw), 1)) // n_dev) * n_dev
     self.seed = seed
     self.mean_draws = mean_draws
     self.objective = objective
@@ -55,28 +57,28 @@ class Evaluator:
 
   @property
   def num_images(self) -> int:
-    return len(self.source)
+    return len(self.source_raw)
 
-  def sampler(self, solver: str, evaluations: int, guidance: float, mode: str = "sample",
-              draw: int = 0):
-    key = (solver, evaluations, float(guidance), mode, draw)
+  def sampler(self, solver: str, guidance: float, mode: str = "sample", draw: int = 0):
+    """One compiled program per (solver, guidance, mode, draw): the step count is traced."""
+    key = (solver, float(guidance), mode, draw)
     if key not in self._samplers:
       self._samplers[key] = sampling.make_row_sampler(
-          self.graphdef, self.target_shape, solver, evaluations, guidance, mode, draw,
-          self.mean_draws, self.objective)
+          self.graphdef, self.target_shape, solver, guidance, mode, draw, self.mean_draws,
+          self.objective)
     return self._samplers[key]
 
-  def _batches(self, *arrays):
-    """(rows, padded arrays..., row indices) per batch; padding repeats the last row."""
-    n = len(arrays[0])
-    for start in range(0, n, self.batch_size):
-      parts = [a[start:start + self.batch_size] for a in arrays]
-      rows = len(parts[0])
+  def _batches(self, arrays: dict):
+    """(start, real rows, padded arrays (sharded), row indices (sharded)) per batch; the
+    padding repeats the last row."""
+    for start in range(0, self.num_images, self.batch_size):
+      parts = {k: a[start:start + self.batch_size] for k, a in arrays.items()}
+      rows = len(next(iter(parts.values())))
       pad = self.batch_size - rows
       if pad:
-        parts = [np.concatenate([p, np.repeat(p[-1:], pad, 0)]) for p in parts]
+        parts = {k: np.concatenate([p, np.repeat(p[-1:], pad, 0)]) for k, p in parts.items()}
       idx = np.arange(start, start + self.batch_size, dtype=np.int32)
-      yield rows, parts, idx
+      yield start, rows, {k: self._shard(p) for k, p in parts.items()}, self._shard(idx)
 
   def _shard(self, x: np.ndarray):
     pc, pi = jax.process_count(), jax.process_index()
@@ -92,34 +94,34 @@ class Evaluator:
   def generate(self, params, solver: str, evaluations: int, guidance: float = 1.0,
                mode: str = "sample", samples: int = 1):
     """(rows, raw generated [rows, *target] or [rows, samples, *target]) batch by batch."""
-    fns = [self.sampler(solver, evaluations, guidance, mode, draw) for draw in range(samples)]
+    fns = [self.sampler(solver, guidance, mode, draw) for draw in range(samples)]
     seed = np.int32(self.seed)
-    for start, (rows, (src,), idx) in zip(range(0, self.num_images, self.batch_size),
-                                          self._batches(self.source)):
-      src, idx = self._shard(src), self._shard(idx)
-      draws = [self._gather(fn(params, src, idx, seed))[:rows] for fn in fns]
-      gen = draws[0] if samples == 1 else np.stack(draws, 1)
-      yield start, np.asarray(self.normalizer.decode(gen), np.float32)
+    steps = np.int32(flow.steps_for_evaluations(solver, evaluations))
+    for start, rows, condition, idx in self._batches(self.condition):
+      draws = [np.asarray(self.spec.decode_target(
+          self._gather(fn(params, condition, idx, seed, steps))[:rows]), np.float32)
+               for fn in fns]
+      yield start, draws[0] if samples == 1 else np.stack(draws, 1)
 
   def evaluate(self, params, solver: str, evaluations: int, guidance: float = 1.0,
                mode: str = "sample", samples: int = 1) -> dict:
     """Every metric of the held-out rows, accumulated batch by batch (one batch in float64
     at a time). ``samples`` > 1 draws that many samples per row, for the energy score."""
-    m = Metrics()
+    m = Metrics(self.directions)
     for start, gen in self.generate(params, solver, evaluations, guidance, mode, samples):
       m.add(gen, self.target_raw[start:start + len(gen)])
     return m.result()
 
   def velocity_cosine(self, params) -> float:
     """Mean over every held-out row, with t and noise of row i fixed by (seed, i)."""
-    x1 = np.asarray(self.normalizer.encode(self.target_raw), np.float32)
+    x1 = np.asarray(self.spec.encode_target(self.target_raw), np.float32)
     seed = np.int32(self.seed + 1)
     total = 0.0
-    for rows, (src, tgt), idx in self._batches(self.source, x1):
-      cos = self._gather(self._velocity_cosines(params, self._shard(src), self._shard(tgt),
-                                                self._shard(idx), seed))
+    for _, rows, parts, idx in self._batches({**self.condition, "x1": x1}):
+      x1_part = parts.pop("x1")
+      cos = self._gather(self._velocity_cosines(params, parts, x1_part, idx, seed))
       total += float(np.sum(cos[:rows], dtype=np.float64))
-    return total / len(self.source)
+    return total / self.num_images
 
   def sweep(self, params, solvers: Sequence[str], evaluations: Sequence[int],
             guidances: Sequence[float] = (1.0,)) -> list[dict]:
@@ -200,13 +202,29 @@ def held_out_raw(config, data_dir: str) -> tuple[np.ndarray, np.ndarray, str]:
 
 
 def make_evaluator(config, workdir: str, data_dir: str, spec, graphdef, mesh) -> Evaluator:
-  """The evaluator of a run: its held-out rows, the baselines' figures on them (cached)."""
+  """The evaluator of a run: its held-out rows and the baseline ladder's figures on them
+  (cached). The ridge rung is the run's own linear map (fitted now for a run without one),
+  and a synthetic task's known spread directions give ``variance_ratio_along``."""
   source, target, split = held_out_raw(config, data_dir)
-  baseline = baselines_lib.run_baselines(config, data_dir, workdir, source, target, split)
-  normalised = np.asarray(spec.normalizers["source"].encode(source), np.float32)
-  return Evaluator(graphdef, mesh, normalised, target, spec.normalizers["target"],
-                   config.eval.batch_size, seed=config.seed + 1_000_003, baseline=baseline,
-                   mean_draws=config.eval.mean_draws, objective=config.flow.objective)
+  ridge = spec.linear
+  if ridge is None:
+    ridge = workdir_lib.fit_linear_map(config, data_dir, workdir)
+  directions = _spread_directions(data_dir)
+  baseline = baselines_lib.run_baselines(
+      config, data_dir, workdir, ridge, workdir_lib.linear_split(config, data_dir), source,
+      target, split, directions=directions)
+  return Evaluator(graphdef, mesh, spec, source, target, config.eval.batch_size,
+                   seed=config.seed + 1_000_003, baseline=baseline,
+                   mean_draws=config.eval.mean_draws, objective=config.flow.objective,
+                   directions=directions)
+
+
+def _spread_directions(data_dir: str):
+  from flowmap import synthetic
+  try:
+    return synthetic.spread_directions(synthetic.read_task(data_dir))
+  except (OSError, ValueError):
+    return None
 
 
 # ----------------------------------------------------------------------------- --mode eval

@@ -45,11 +45,7 @@ def input_shards(data_dir: str) -> dict[str, int]:
 def read_shard(path: str, shapes: dict, dtype: str, batch_size: int):
   """Batches of one TFRecord shard in file order: dicts of numpy arrays (features in their
   stored dtype) plus ``key`` and ``caption`` as str arrays."""
-  import tensorflow as tf
-  try:
-    tf.config.set_visible_devices([], "GPU")   # reading only: leave the accelerators to JAX
-  except RuntimeError:   # TensorFlow already initialised its devices (an earlier shard)
-    pass
+  tf = data_lib.tensorflow()
   spec = data_lib.features_spec(shapes, dtype)
   ds = tf.data.TFRecordDataset(path).map(spec.deserialize_example,
                                          num_parallel_calls=tf.data.AUTOTUNE,

@@ -16,20 +16,28 @@ from flowmap.config import OBJECTIVES, SOLVERS, TIME_SAMPLINGS
 
 
 def sample_time(key, n: int, kind: str = "logit_normal", mean: float = 0.0,
-                std: float = 1.0, shift: float = 1.0) -> jax.Array:
-  """Training times in (0, 1).
+                std: float = 1.0, shift: float = 1.0, mean_fraction: float = 0.0) -> jax.Array:
+  """Training times in [0, 1).
 
   logit_normal (SD3): t = sigmoid(mean + std * N(0, 1)), concentrating training where the
   velocity is hardest to predict. shifted: uniform t pushed towards the noise end by
-  ``shift`` (shift > 1 spends more training near t = 0).
+  ``shift`` (shift > 1 spends more training near t = 0). ``mean_fraction``: the share of
+  examples trained at exactly t = 0, where x_t is the noise alone and the ideal velocity is
+  E[x1 | source] - x: the one-step estimate of the conditional mean (the mean mode), which
+  logit-normal times almost never reach.
   """
   if kind == "uniform":
-    return jax.random.uniform(key, (n,))
-  if kind == "logit_normal":
-    return jax.nn.sigmoid(mean + std * jax.random.normal(key, (n,)))
-  if kind == "shifted":
-    return shift_time(jax.random.uniform(key, (n,)), shift)
-  raise ValueError(f"unknown time sampling {kind!r}; expected one of {TIME_SAMPLINGS}")
+    t = jax.random.uniform(key, (n,))
+  elif kind == "logit_normal":
+    t = jax.nn.sigmoid(mean + std * jax.random.normal(key, (n,)))
+  elif kind == "shifted":
+    t = shift_time(jax.random.uniform(key, (n,)), shift)
+  else:
+    raise ValueError(f"unknown time sampling {kind!r}; expected one of {TIME_SAMPLINGS}")
+  if mean_fraction > 0:
+    t = jnp.where(jax.random.bernoulli(jax.random.fold_in(key, 1), mean_fraction, (n,)), 0.0,
+                  t)
+  return t
 
 
 def shift_time(t: jax.Array, shift: float) -> jax.Array:
@@ -86,11 +94,6 @@ def condition_dropout(key, batch: int, rate: float) -> jax.Array:
   return jax.random.bernoulli(key, rate, (batch,))
 
 
-def time_grid(steps: int) -> jax.Array:
-  """steps + 1 evenly spaced times from 0 to 1 (inclusive)."""
-  return jnp.linspace(0.0, 1.0, steps + 1)
-
-
 def guided(velocity: Callable, guidance: float) -> Callable:
   """Classifier-free guidance: v_uncond + g * (v_cond - v_uncond); g = 1 is one evaluation.
 
@@ -118,21 +121,22 @@ def steps_for_evaluations(solver: str, evaluations: int) -> int:
   raise ValueError(f"unknown solver {solver!r}; expected one of {SOLVERS}")
 
 
-def sample(velocity: Callable, noise: jax.Array, steps: int, solver: str = "euler") -> jax.Array:
-  """Integrates dx/dt = velocity(x, t) from t = 0 (noise) to t = 1 in one lax loop.
+def sample(velocity: Callable, noise: jax.Array, steps, solver: str = "euler") -> jax.Array:
+  """Integrates dx/dt = velocity(x, t) from t = 0 (noise) to t = 1 in one lax loop of
+  ``steps`` (an int, or a traced integer: one compiled program for every step count).
 
   ``velocity(x, t)`` gets t as a vector of per-row times. Heun's second evaluation is at the
   end of every step, the last one included, so n steps cost exactly 2n evaluations.
   """
   if solver not in SOLVERS:
     raise ValueError(f"unknown solver {solver!r}; expected one of {SOLVERS}")
-  if steps < 1:
+  if isinstance(steps, int) and steps < 1:
     raise ValueError(f"steps must be >= 1, got {steps}")
-  grid = time_grid(steps)
   rows = noise.shape[0]
+  n = jnp.asarray(steps, jnp.float32)
 
-  def step(i, x):
-    t0, t1 = grid[i], grid[i + 1]
+  def step(i, x):   # steps + 1 evenly spaced times from 0 to 1
+    t0, t1 = i / n, (i + 1) / n
     h = (t1 - t0).astype(x.dtype)
     v0 = velocity(x, jnp.full((rows,), t0))
     if solver == "euler":

@@ -24,6 +24,7 @@ import numpy as np
 
 from flowmap import checkpoint as checkpoint_lib
 from flowmap import data as data_lib
+from flowmap import flow
 from flowmap import sampling
 from flowmap import sharding
 from flowmap import workdir as workdir_lib
@@ -40,10 +41,11 @@ class Mapper:
   ``target_shape``, ``step``, ``ema``, ``config`` (the run's ConfigDict), ``data_dir``.
   """
 
-  def __init__(self, graphdef, params, config, model_cfg, normalizers: dict, mesh,
-               step: int, ema: bool, workdir: str = ""):
-    self.graphdef, self.params, self.config = graphdef, params, config
-    self.model_cfg, self.normalizers, self.mesh = model_cfg, normalizers, mesh
+  def __init__(self, graphdef, params, config, spec: workdir_lib.RunSpec, mesh, step: int,
+               ema: bool, workdir: str = ""):
+    self.graphdef, self.params, self.config, self.spec = graphdef, params, config, spec
+    model_cfg = spec.model_cfg
+    self.model_cfg, self.normalizers, self.mesh = model_cfg, spec.normalizers, mesh
     self.step, self.ema, self.workdir = step, ema, workdir
     self.source, self.target = config.data.source, config.data.target
     self.source_shape = tuple(model_cfg.source_shape)
@@ -70,8 +72,8 @@ class Mapper:
       weights = checkpointer.restore_weights({which: replicated}, step)
     finally:
       checkpointer.close()
-    return cls(graphdef, getattr(weights, which), config, spec.model_cfg, spec.normalizers,
-               mesh, weights.step, ema, workdir)
+    return cls(graphdef, getattr(weights, which), config, spec, mesh, weights.step, ema,
+               workdir)
 
   @property
   def data_dir(self) -> str:
@@ -83,12 +85,11 @@ class Mapper:
             f"step {self.step}, {'EMA' if self.ema else 'raw'} weights, "
             f"{self.mesh.devices.size} device(s))")
 
-  def _sampler(self, solver: str, evaluations: int, guidance: float, mode: str = "sample",
-               draw: int = 0):
-    key = (solver, evaluations, guidance, mode, draw)
+  def _sampler(self, solver: str, guidance: float, mode: str = "sample", draw: int = 0):
+    key = (solver, guidance, mode, draw)
     if key not in self._samplers:
       self._samplers[key] = sampling.make_row_sampler(
-          self.graphdef, self.target_shape, solver, evaluations, guidance, mode, draw,
+          self.graphdef, self.target_shape, solver, guidance, mode, draw,
           int(self.config.eval.get("mean_draws", 4)),
           self.config.flow.get("objective", "flow"))
     return self._samplers[key]
@@ -153,7 +154,8 @@ class Mapper:
     out = np.empty((n, *self.target_shape), np.float32)
     if n == 0:
       return out
-    fn = self._sampler(solver, evaluations, guidance, mode, draw)
+    fn = self._sampler(solver, guidance, mode, draw)
+    steps = np.int32(flow.steps_for_evaluations(solver, evaluations))
     rows_per_batch = _round_up(min(batch_size, n), self.mesh.devices.size)
     batch = sharding.batch_sharding(self.mesh)
     pending = None
@@ -162,19 +164,18 @@ class Mapper:
       out[start:start + real] = np.asarray(y)[:real]
 
     for start in range(0, n, rows_per_batch):
-      src = np.asarray(self.normalizers["source"].encode(x[start:start + rows_per_batch]),
-                       np.float32)
-      real = len(src)
-      if real < rows_per_batch:
-        src = np.concatenate([src, np.repeat(src[-1:], rows_per_batch - real, 0)])
+      raw = x[start:start + rows_per_batch]
+      real = len(raw)
+      if real < rows_per_batch:   # a padded last batch: one program for every batch
+        raw = np.concatenate([raw, np.repeat(raw[-1:], rows_per_batch - real, 0)])
+      condition = {k: jax.device_put(v, batch) for k, v in self.spec.condition(raw).items()}
       rows = np.arange(first_row + start, first_row + start + rows_per_batch, dtype=np.int32)
-      y = fn(self.params, jax.device_put(src, batch), jax.device_put(rows, batch),
-             np.int32(seed))
+      y = fn(self.params, condition, jax.device_put(rows, batch), np.int32(seed), steps)
       if pending is not None:   # copy the previous batch out while this one runs
         collect(*pending)
       pending = (start, real, y)
     collect(*pending)
-    return np.asarray(self.normalizers["target"].decode(out), np.float32)
+    return np.asarray(self.spec.decode_target(out), np.float32)
 
 
 def load_features(data_dir: str, split: str = "validation", limit: int = 0, names=None):

@@ -401,12 +401,13 @@ class NextDiT(nnx.Module):
     return jnp.asarray(linear_lib.resampling_matrix(cfg.source_shape[0], cfg.target_shape[0]),
                        jnp.float32)
 
-  def source_context(self, source, drop=None, prior=None) -> dict:
+  def source_context(self, source, drop=None, prior=None, prior_std=None) -> dict:
     """The time-independent half of the network: source [B, Ns, Ds] (raw model input),
     drop [B] bool or None (rows that see the learned null source instead, for classifier-free
     guidance), prior [B, Nt, Dt] (the linear map's estimate of the target in the model's
-    space; only with linear_prior, zero for dropped rows) -> a dict of arrays, B leading or
-    second:
+    space; only with linear_prior, zero for dropped rows), prior_std [B, 1, Dt] (the map's
+    residual standard deviation in that space; one for dropped rows) -> a dict of arrays,
+    B leading or second:
       ``condition``   [B, cond_dim] float32: the pooled source's share of c;
       ``aligned``     [B, Nt, dim]: the source resampled onto each target position, added
                       there (only with aligned_conditioning), plus the projected prior;
@@ -426,9 +427,15 @@ class NextDiT(nnx.Module):
     if self.prior_in is not None:
       if prior is None:
         raise ValueError("this model takes the linear map's estimate (linear_prior): pass prior")
+      if prior_std is None:
+        prior_std = jnp.ones((prior.shape[0], 1, prior.shape[-1]), jnp.float32)
+      prior_std = jnp.broadcast_to(prior_std, (prior.shape[0], 1, prior.shape[-1]))
       if drop is not None:
         prior = jnp.where(drop[:, None, None], 0.0, prior)
+        prior_std = jnp.where(drop[:, None, None], 1.0, prior_std)
       per_position.append(self.prior_in(prior))
+      context["prior"] = prior.astype(jnp.float32)
+      context["prior_std"] = jnp.maximum(prior_std.astype(jnp.float32), PRIOR_STD_FLOOR)
     if per_position:
       context["aligned"] = sum(per_position)
     # Every block's source projection as one matmul: the stacked kernels [depth, dim, 2kv]
@@ -473,11 +480,29 @@ class NextDiT(nnx.Module):
                         unroll=cfg.scan_unroll)
 
     scale = self.final_modulation(jax.nn.silu(c))[:, None, :]
-    out = self.final(layer_norm(h) * (1 + scale))
-    return out.astype(jnp.float32)
+    out = self.final(layer_norm(h) * (1 + scale)).astype(jnp.float32)
+    if "prior" in context:
+      out = out + gaussian_velocity(x, t, context["prior"], context["prior_std"])
+    return out
 
-  def __call__(self, x, t, source, drop=None, prior=None):
-    return self.velocity(x, t, self.source_context(source, drop, prior))
+  def __call__(self, x, t, source, drop=None, prior=None, prior_std=None):
+    return self.velocity(x, t, self.source_context(source, drop, prior, prior_std))
+
+
+PRIOR_STD_FLOOR = 1e-2
+
+
+def gaussian_velocity(x, t, mean, std):
+  """The exact rectified-flow velocity E[x1 - noise | x_t] when x1 ~ N(mean, std^2) per
+  dimension: the base a linear_prior model corrects. With the linear map's estimate as the
+  mean and its residual spread as the std, the untrained model already is that Gaussian
+  linear model: its one-step estimate x + v(x, 0) is the map's estimate and its samples
+  spread like the map's residuals, and the network learns only what the map misses.
+  x [B, Nt, Dt], t [B], mean [B, Nt, Dt], std [B, 1, Dt] or broadcastable."""
+  x = x.astype(jnp.float32)
+  t = jnp.reshape(t.astype(jnp.float32), (-1,) + (1,) * (x.ndim - 1))
+  var = jnp.square(std)
+  return mean + (t * var - (1 - t)) * (x - t * mean) / (jnp.square(1 - t) + t * t * var)
 
 
 def flops(cfg: ModelConfig) -> dict:

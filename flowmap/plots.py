@@ -128,12 +128,12 @@ def format_table(step: int, record: dict) -> str:
   head = "".join(f"{m:>{width}}" for m in TABLE_METRICS)
   lines = [f"step {step}: {record['num_images']} held-out images, EMA weights. Pointwise "
            "figures reward the mean; fd_pooled and variance_ratio a faithful sampler",
-           f"{'output':<26}{head}"]
+           f"{'output':<36}{head}"]
 
   def row(label, figures):
     cells = "".join(f"{figures[m]:>{width}.4f}" if m in figures else f"{'-':>{width}}"
                     for m in TABLE_METRICS)
-    return f"{label:<26}{cells}"
+    return f"{label:<36}{cells}"
 
   ema = [r for r in record["sweep"] if r["weights"] == "ema"]
   ema.sort(key=lambda r: (r["guidance"], r["mode"] != "mean", r["solver"], r["evaluations"]))

@@ -40,84 +40,110 @@ def abstract_model(model_cfg: model_lib.ModelConfig, seed: int = 0):
                                                              rngs=nnx.Rngs(params=seed))))
 
 
+def _model_inputs(condition):
+  """(source, prior, prior_std) from a condition: {"source", "prior", "prior_std"}
+  (RunSpec.condition) or a bare source array."""
+  if isinstance(condition, dict):
+    return condition["source"], condition.get("prior"), condition.get("prior_std")
+  return condition, None, None
+
+
 def make_velocity(graphdef) -> Callable:
-  """(params, x, t, source, drop) -> predicted velocity, float32."""
-  def velocity(params, x, t, source, drop=None):
-    return nnx.merge(graphdef, params)(x, t, source, drop)
+  """(params, x, t, condition, drop) -> predicted velocity, float32. ``condition`` is
+  ``RunSpec.condition(raw source)`` or, for a model without the linear prior, the
+  normalised source itself."""
+  def velocity(params, x, t, condition, drop=None):
+    source, prior, prior_std = _model_inputs(condition)
+    return nnx.merge(graphdef, params)(x, t, source, drop, prior, prior_std)
   return velocity
 
 
-def _generator(graphdef, solver: str, evaluations: int, guidance: float) -> Callable:
-  """(params, source, noise) -> generated target in the normalised space (not jitted)."""
-  steps = flow.steps_for_evaluations(solver, evaluations)
-  velocity = make_velocity(graphdef)
+def _generator(graphdef, solver: str, guidance: float) -> Callable:
+  """(params, condition, noise, steps) -> generated target in the normalised space (not
+  jitted). The time-independent source side (projections, every block's source keys and
+  values) is computed once per call, not at every evaluation; ``steps`` may be traced."""
+  def generate(params, condition, noise, steps):
+    model = nnx.merge(graphdef, params)
+    source, prior, prior_std = _model_inputs(condition)
+    rows = noise.shape[0]
+    if guidance == 1.0:
+      context = model.source_context(source, None, prior, prior_std)
+    else:   # the conditional and the unconditional rows side by side, as flow.guided asks
+      twice = lambda a: None if a is None else jnp.concatenate([a, a])
+      keep = jnp.zeros((rows,), bool)
+      context = model.source_context(twice(source), jnp.concatenate([keep, ~keep]),
+                                     twice(prior), twice(prior_std))
 
-  def generate(params, source, noise):
-    def v(x, t, drop):
-      src = jnp.concatenate([source, source]) if x.shape[0] != source.shape[0] else source
-      return velocity(params, x, t, src, drop)
-    return flow.sample(flow.guided(v, guidance), noise, steps, solver)
+    def velocity(x, t, drop):
+      del drop   # the context already holds the rows' drop pattern
+      return model.velocity(x, t, context)
+    return flow.sample(flow.guided(velocity, guidance), noise, steps, solver)
   return generate
 
 
 def make_sampler(graphdef, solver: str, evaluations: int, guidance: float = 1.0) -> Callable:
-  """A jitted (params, source, noise) -> generated target (normalised space)."""
-  return jax.jit(_generator(graphdef, solver, evaluations, guidance))
+  """A jitted (params, condition, noise) -> generated target (normalised space)."""
+  generate = _generator(graphdef, solver, guidance)
+  steps = flow.steps_for_evaluations(solver, evaluations)
+  return jax.jit(lambda params, condition, noise: generate(params, condition, noise, steps))
 
 
-def make_row_sampler(graphdef, target_shape, solver: str, evaluations: int,
-                     guidance: float = 1.0, mode: str = "sample", draw: int = 0,
-                     mean_draws: int = 4, objective: str = "flow") -> Callable:
-  """A jitted (params, source, rows, seed) -> generated target (normalised space).
+def make_row_sampler(graphdef, target_shape, solver: str, guidance: float = 1.0,
+                     mode: str = "sample", draw: int = 0, mean_draws: int = 4,
+                     objective: str = "flow") -> Callable:
+  """A jitted (params, condition, rows, seed, steps) -> generated target (normalised space).
 
-  mode ``sample``: the ODE solution from noise drawn on the device from (seed, rows[i]) (and
+  mode ``sample``: the ODE solution in ``steps`` solver steps (a traced argument: one
+  program serves every step count) from noise drawn on the device from (seed, rows[i]) (and
   ``draw``, for a row's further samples). mode ``mean``: an estimate of E[target | source],
   the average over ``mean_draws`` noise draws of one Euler step of length 1 from the noise
   (x0 + v(x0, 0), where the ideal velocity is E[x1 | source] - x0 whatever x0 is);
-  ``mean_draws`` evaluations, ``solver`` and ``evaluations`` do not apply. A run trained
-  with the regression objective has one output in both modes, its prediction (one
-  evaluation)."""
+  ``mean_draws`` evaluations, ``steps`` does not apply. A run trained with the regression
+  objective has one output in both modes, its prediction (one evaluation)."""
   if mode not in MODES:
     raise ValueError(f"unknown output mode {mode!r}; expected one of {MODES}")
   if objective == "regression":
-    predict = _generator(graphdef, "euler", 1, guidance)
+    predict = _generator(graphdef, "euler", guidance)
 
     @jax.jit
-    def predict_rows(params, source, rows, seed):
-      del seed
-      return predict(params, source, jnp.zeros((rows.shape[0], *target_shape), jnp.float32))
+    def predict_rows(params, condition, rows, seed, steps):
+      del seed, steps
+      zeros = jnp.zeros((rows.shape[0], *target_shape), jnp.float32)
+      return predict(params, condition, zeros, 1)
     return predict_rows
   if mode == "mean":
-    step = _generator(graphdef, "euler", 1, guidance)
+    one_step = _generator(graphdef, "euler", guidance)
 
     @jax.jit
-    def mean_rows(params, source, rows, seed):
-      total = step(params, source, noise_for_rows(seed, rows, target_shape, 0))
-      for k in range(1, mean_draws):
-        total = total + step(params, source, noise_for_rows(seed, rows, target_shape, k))
+    def mean_rows(params, condition, rows, seed, steps):
+      del steps
+      total = 0.0
+      for k in range(mean_draws):
+        total = total + one_step(params, condition,
+                                 noise_for_rows(seed, rows, target_shape, k), 1)
       return total / mean_draws
     return mean_rows
-  generate = _generator(graphdef, solver, evaluations, guidance)
+  generate = _generator(graphdef, solver, guidance)
 
   @jax.jit
-  def sample_rows(params, source, rows, seed):
-    return generate(params, source, noise_for_rows(seed, rows, target_shape, draw))
+  def sample_rows(params, condition, rows, seed, steps):
+    return generate(params, condition, noise_for_rows(seed, rows, target_shape, draw), steps)
   return sample_rows
 
 
 def make_velocity_cosines(graphdef, objective: str = "flow") -> Callable:
-  """A jitted (params, source, x1, rows, seed) -> cosine per row between the model's output
+  """A jitted (params, condition, x1, rows, seed) -> cosine per row between the model's output
   and its training target (the velocity at a random t, for the flow objective), in the
   model's normalised space; t and noise of row i come from (seed, i)."""
   velocity = make_velocity(graphdef)
 
   @jax.jit
-  def cosines(params, source, x1, rows, seed):
+  def cosines(params, condition, x1, rows, seed):
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(rows)
     t = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 0), ()))(keys)
     noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1), x1.shape[1:]))(keys)
     x, time, true = flow.training_pair(objective, noise, x1, t)
-    pred = velocity(params, x, time, source)
+    pred = velocity(params, x, time, condition)
     pred, true = pred.reshape(len(pred), -1), true.reshape(len(true), -1)
     num = jnp.sum(pred * true, -1)
     den = jnp.linalg.norm(pred, axis=-1) * jnp.linalg.norm(true, axis=-1)

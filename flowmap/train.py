@@ -10,7 +10,7 @@ import dataclasses
 import json
 import os
 import time
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -127,7 +127,8 @@ def _per_example(key, x1, config):
   accumulation sees exactly the draws the same batch would see in one piece."""
   k_t, k_n, k_d = jax.random.split(key, 3)
   f = config.flow
-  t = flow.sample_time(k_t, x1.shape[0], f.time_sampling, f.logit_mean, f.logit_std, f.shift)
+  t = flow.sample_time(k_t, x1.shape[0], f.time_sampling, f.logit_mean, f.logit_std, f.shift,
+                       f.mean_fraction)
   noise = jax.random.normal(k_n, x1.shape, jnp.float32)
   drop = flow.condition_dropout(k_d, x1.shape[0], f.cond_dropout)
   return t, noise, drop
@@ -145,7 +146,11 @@ def _per_block_norm(blocks_tree) -> jax.Array:
                       for x in leaves))
 
 
-def make_train_step(config, graphdef, tx):
+def make_train_step(config, graphdef, tx, spec: Optional[workdir_lib.RunSpec] = None):
+  """The jitted-to-be step (state, batch) -> (state, metrics). With ``spec``, the batch holds
+  raw features in their stored dtype and the step maps them into the model's space itself
+  (the statistics and the linear map are constants of the program); without, the batch is
+  already in the model's space (the benchmark, tests)."""
   velocity = sampling.make_velocity(graphdef)
   accum = config.train.grad_accum
   seed = config.seed
@@ -169,7 +174,10 @@ def make_train_step(config, graphdef, tx):
   def train_step(state, batch):
     params = state["params"]
     key = jax.random.fold_in(jax.random.key(seed), state["step"])
-    source, x1 = batch["source"], batch["target"]
+    if spec is None:
+      source, x1 = {"source": batch["source"]}, batch["target"]
+    else:
+      source, x1 = spec.condition(batch["source"]), spec.encode_target(batch["target"])
     t, noise, drop = _per_example(key, x1, config)
     if accum == 1:
       (loss, (per_example, cos)), grads = grad_fn(params, source, x1, t, noise, drop)
@@ -235,8 +243,7 @@ class MetricWriter:
     self.wandb = None
     if not enabled:
       return
-    import tensorflow as tf
-    self.tb = tf.summary.create_file_writer(workdir)
+    self.tb = data_lib.tensorflow().summary.create_file_writer(workdir)
     if config.wandb.project:
       import wandb
       self.wandb = wandb.init(project=config.wandb.project, dir=workdir,
@@ -249,7 +256,7 @@ class MetricWriter:
     scalars = {k: float(v) for k, v in scalars.items()}
     with open(self.path, "a") as f:
       f.write(json.dumps({"step": int(step), **scalars}) + "\n")
-    import tensorflow as tf
+    tf = data_lib.tensorflow()
     with self.tb.as_default(step=int(step)):
       for k, v in scalars.items():
         tf.summary.scalar(k, v)
@@ -332,6 +339,9 @@ def setup(config, workdir: str) -> TrainSetup:
   checkpointer = checkpoint_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
   if checkpointer.latest_step() is not None:
     spec = workdir_lib.resumed_spec(config, workdir, spec)
+  if spec.model_cfg.linear_prior and spec.linear is None:
+    spec = dataclasses.replace(spec, linear=workdir_lib.fit_linear_map(config, data_dir,
+                                                                        workdir))
   tx = make_optimizer(config)
   # Shapes only: a resumed run restores straight into its shardings, so the state is never
   # held twice; a new run creates it in train_and_evaluate.
@@ -361,17 +371,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   # -- input: this process's rows of every global batch, resumed at `start`; process p
   # holds the p-th block of rows (sharding.make_mesh orders the devices by process)
-  normalizers = run.spec.normalizers
   batches = data_lib.train_batches(
       run.data_dir, "train", [c.data.source, c.data.target], c.train.batch_size,
-      normalizers={c.data.source: normalizers["source"], c.data.target: normalizers["target"]},
       seed=c.seed, limit=c.data.overfit_size, start_step=start,
       process_index=jax.process_index(), process_count=jax.process_count(),
-      shuffle_buffer=c.data.shuffle_buffer)
+      in_memory_bytes=int(c.data.in_memory_gb * 2 ** 30),
+      shuffle_buffer_bytes=int(c.data.shuffle_buffer_mb * 2 ** 20))
 
   # -- the compiled step: state donated, shardings explicit
   batch_shard = sharding.batch_sharding(mesh)
-  step_fn = jax.jit(make_train_step(c, run.graphdef, run.tx),
+  step_fn = jax.jit(make_train_step(c, run.graphdef, run.tx, run.spec),
                     in_shardings=(run.state_shardings, {"source": batch_shard,
                                                         "target": batch_shard}),
                     out_shardings=(run.state_shardings, sharding.replicated(mesh)),

@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 
 from flowmap import data as data_lib
+from flowmap import linear as linear_lib
 from flowmap import model as model_lib
 from flowmap import config as config_lib
 from flowmap.config import ConfigError, check_dataset
@@ -32,20 +33,30 @@ from flowmap.fileio import read_json, write_json_atomic
 
 CONFIG_FILE = "config.json"
 SPEC_FILE = "normalization.json"
+LINEAR_FILE = "linear_map.npz"
 # The model settings that give the weights their shapes and meaning: a checkpoint serves only
 # a config that resolves to the same values (a named size and explicit dims may say it
 # differently).
-MODEL_KEYS = ("dim", "depth", "heads", "kv_heads", "mlp_ratio", "aligned_conditioning")
+MODEL_KEYS = ("dim", "depth", "heads", "kv_heads", "mlp_ratio", "aligned_conditioning",
+              "linear_prior")
 
 
 @dataclasses.dataclass(frozen=True)
 class RunSpec:
-  """What a run is, whichever command opens it: the features, their shapes, the model and the
-  normalisation the weights live in."""
+  """What a run is, whichever command opens it: the features, their shapes, the model, and
+  the space the model works in (the normalisation statistics, ``data.normalize``).
+
+  With ``model.linear_prior`` the model also reads, at each target position, the estimate of
+  the closed-form linear map fitted on the training split (``flowmap.linear``, normalised
+  like the target): the map a user would otherwise fit is one of the model's inputs, so it
+  has a direct path to the target whatever the two token layouts are. ``condition`` builds
+  the model's conditioning from raw source features, numpy on the host or jax arrays
+  inside jit."""
   source: str
   target: str
   model_cfg: model_lib.ModelConfig
   normalizers: dict          # role ("source", "target") -> data.Normalizer
+  linear: Optional[linear_lib.LinearMap] = None   # fitted when the model takes the prior
 
   @property
   def source_shape(self) -> tuple:
@@ -55,6 +66,41 @@ class RunSpec:
   def target_shape(self) -> tuple:
     return tuple(self.model_cfg.target_shape)
 
+  def encode_source(self, source):
+    return self.normalizers["source"].encode(_float(source))
+
+  def encode_target(self, target):
+    return self.normalizers["target"].encode(_float(target))
+
+  def decode_target(self, x):
+    return self.normalizers["target"].decode(x)
+
+  def condition(self, source) -> dict:
+    """{"source": the normalised source, "prior": the linear map's estimate of the target
+    in the model's space (with linear_prior)} from raw source features."""
+    out = {"source": self.encode_source(source)}
+    if self.model_cfg.linear_prior:
+      prior = self.normalizers["target"].encode(self.linear(_float(source)))
+      out["prior"] = prior.astype(np.float32) if isinstance(prior, np.ndarray) else prior
+      out["prior_std"] = (np.broadcast_to(self.prior_std, (len(prior), 1, len(self.prior_std)))
+                          if isinstance(prior, np.ndarray) else
+                          _jnp().broadcast_to(_jnp().asarray(self.prior_std),
+                                           (prior.shape[0], 1, len(self.prior_std))))
+    if isinstance(out["source"], np.ndarray):
+      out["source"] = out["source"].astype(np.float32)
+    return out
+
+  @property
+  def prior_std(self) -> np.ndarray:
+    """[Dt] float32: the linear map's residual standard deviation in the model's space."""
+    std = np.asarray(self.linear.residual_std, np.float64)
+    norm = self.normalizers["target"]
+    if norm.kind == "standardize":
+      std = std / np.asarray(norm.std, np.float64).reshape(-1, len(std)).mean(0)
+    elif norm.kind == "l2":
+      std = std * np.sqrt(len(std)) / norm.mean_norm
+    return std.astype(np.float32)
+
   def to_json(self) -> dict:
     return {"source": self.source, "target": self.target,
             "source_shape": list(self.source_shape), "target_shape": list(self.target_shape),
@@ -63,9 +109,22 @@ class RunSpec:
             "target_normalizer": self.normalizers["target"].to_json()}
 
 
+def _jnp():
+  import jax.numpy as jnp
+  return jnp
+
+
+def _float(x):
+  """float32 on the device (features travel in their stored dtype), float64 on the host."""
+  if isinstance(x, np.ndarray):
+    return np.asarray(x, np.float64)
+  import jax.numpy as jnp
+  return x.astype(jnp.float32)
+
+
 def validate_config(config) -> None:
   """Every value check of ``config`` (flowmap.config.validate, with the model's names)."""
-  config_lib.validate(config, model_lib.SIZES, model_lib.REMAT_POLICIES)
+  config_lib.validate(config, model_lib.SIZES, model_lib.REMAT_POLICIES, model_lib.ATTENTION)
 
 
 def spec_from_config(config, stats: dict) -> RunSpec:
@@ -140,7 +199,10 @@ def read_spec(workdir: str, config=None) -> RunSpec:
   model_cfg = model_lib.config_from(config.model, info["source_shape"], info["target_shape"])
   normalizers = {role: data_lib.Normalizer.from_json(info[f"{role}_normalizer"])
                  for role in ("source", "target")}
-  return RunSpec(info["source"], info["target"], model_cfg, normalizers)
+  linear = None
+  if model_cfg.linear_prior:
+    linear = linear_lib.LinearMap.load(os.path.join(workdir, LINEAR_FILE))
+  return RunSpec(info["source"], info["target"], model_cfg, normalizers, linear)
 
 
 def check_compatible(workdir: str, spec: RunSpec) -> None:
@@ -225,3 +287,57 @@ def write_eval(workdir: str, step: int, record: dict) -> str:
   path = os.path.join(workdir, "eval", f"{step}.json")
   write_json_atomic(path, {"step": int(step), **record})
   return path
+
+
+# ----------------------------------------------------------------------------- the linear map
+
+def spread_rows(data_dir: str, split: str, rows: int, seed: int) -> str:
+  """A tfds split string of about ``rows`` rows spread over every shard of ``split``: from
+  each shard a share proportional to its length, as one run starting at a seeded offset.
+  Extraction writes one shard per input tar (often one source of images), so the first rows
+  in file order would be one source; reading runs keeps the pass short."""
+  info = data_lib.split_info(data_dir, split)
+  lengths = list(info.shard_lengths) or [info.num_examples]
+  total = sum(lengths)
+  if rows <= 0 or rows >= total:
+    return split
+  rng = np.random.default_rng([seed, 0x5EED])
+  parts, start, left = [], 0, rows
+  for i, n in enumerate(lengths):
+    take = min(n, left if i == len(lengths) - 1 else int(round(rows * n / total)))
+    left -= take
+    if take > 0:
+      offset = start + int(rng.integers(0, n - take + 1))
+      parts.append(f"{split}[{offset}:{offset + take}]")
+    start += n
+  return "+".join(parts)
+
+
+def linear_split(config, data_dir: str) -> str:
+  """The training rows the linear map (and the baseline ladder) are fitted on:
+  ``eval.baseline_rows`` of them spread over the split, or the overfitting subset."""
+  rows = int(config.eval.baseline_rows)
+  if config.data.overfit_size:
+    rows = min(rows, config.data.overfit_size) if rows > 0 else config.data.overfit_size
+    return f"train[:{rows}]"
+  return spread_rows(data_dir, "train", rows, config.seed)
+
+
+def fit_linear_map(config, data_dir: str, workdir: str) -> linear_lib.LinearMap:
+  """The closed-form linear map from source to target, fitted on ``linear_split`` (process
+  0) and stored as ``linear_map.npz``; every process then reads the same file. The ridge
+  baseline and, with ``model.linear_prior``, an input of the model."""
+  import jax
+  path = os.path.join(workdir, LINEAR_FILE)
+  if jax.process_index() == 0:
+    names = (config.data.source, config.data.target)
+    batches = ((b[names[0]], b[names[1]]) for b in data_lib.iterate_split(
+        data_dir, linear_split(config, data_dir), names, batch_size=64))
+    stats = data_lib.load_stats(data_dir)
+    fitted = linear_lib.fit(batches, stats["features"][names[0]]["shape"],
+                            stats["features"][names[1]]["shape"])
+    tmp = f"{path}.tmp.npz"
+    fitted.save(tmp)
+    os.replace(tmp, path)
+  sync("linear-map")
+  return linear_lib.LinearMap.load(path)

@@ -9,6 +9,9 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from flowmap import platform as _platform   # noqa: E402  (XLA flags before JAX starts)
+
+_platform.set_xla_flags()
 # One persistent compilation cache for the session, subprocesses included: the many small
 # runs share programs, so each compiles once.
 _CACHE = os.environ.setdefault(

@@ -26,6 +26,7 @@ def small_config(data_dir: str):
   c.eval.num_images = VALIDATION_SIZE
   c.eval.batch_size = 64
   c.eval.steps = 8
+  c.flow.cond_dropout = 0.1   # guidance needs the unconditional velocity
   c.wandb.project = "flowmap-tests"
   return c
 

@@ -236,15 +236,6 @@ class Summary:
   manifest: Optional[dict]         # set when this worker completed the dataset
 
 
-def _hide_gpus_from_tensorflow() -> None:
-  """TensorFlow only serialises here; keep it off the GPUs torch uses."""
-  import tensorflow as tf
-  try:
-    tf.config.set_visible_devices([], "GPU")
-  except (RuntimeError, ValueError):
-    pass
-
-
 def run(cfg: ExtractConfig) -> Summary:
   """Extracts this worker's share of the input shards, then finalizes if it was last."""
   # flowmap.encoders loads PyTorch: only once a run starts, so --help and a bad flag stay quick
@@ -288,7 +279,7 @@ def run(cfg: ExtractConfig) -> Summary:
       os.makedirs(cfg.out, exist_ok=True)
       write_json(record_path(cfg.out, cfg.split), record)
       remove_stale_temporaries(cfg.out, record, todo)
-    _hide_gpus_from_tensorflow()
+    data_lib.tensorflow()   # TensorFlow only serialises here: keep it off the GPUs torch uses
     logging.info("worker %d/%d: %d of its %d input shards (of %d) left; encoders on %s, %s: "
                  "%s", cfg.worker_index, cfg.num_workers, len(todo), len(mine), len(shards),
                  device, str(autocast or "float32").replace("torch.", ""),

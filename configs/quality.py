@@ -1,0 +1,14 @@
+"""The quality table's training run: `python -m flowmap.quality` trains one per synthetic task
+and training-set size (flowmap/synthetic.py), with the demo's tiny Next-DiT."""
+
+from configs import demo
+
+
+def get_config():
+  c = demo.get_config()
+  c.data.dir = "<written by flowmap.quality>"
+  c.train.steps = 2000
+  c.train.eval_every = 2000
+  c.train.checkpoint_every = 1000
+  c.eval.num_images = 512
+  return c
