@@ -53,10 +53,14 @@ def get_config():
                                 # compile); depth removes the loop's stacking copies
 
   c.flow = ml_collections.ConfigDict()
-  c.flow.objective = "flow"     # flow (rectified flow) | regression (the same network
+  c.flow.objective = "flow"     # flow (rectified flow) | meanflow (average velocities: samples
+                                # in 1-2 evaluations) | regression (the same network
                                 # fitted to the target with MSE: a mean, no samples)
   c.flow.time_sampling = "logit_normal"  # uniform | logit_normal | shifted
   c.flow.mean_fraction = 0.0    # share of examples trained at t = 0 (the mean mode's time)
+  c.flow.interval_fraction = 0.25   # meanflow: share of examples with a real interval (the
+                                # rest train the instantaneous velocity, as flow does)
+  c.flow.adaptive_power = 1.0   # meanflow: loss weight 1 / (error + 1e-3)^power (0: plain MSE)
   c.flow.logit_mean = 0.0
   c.flow.logit_std = 1.0
   c.flow.shift = 1.0

@@ -404,7 +404,7 @@ def run(config, peer: str = "") -> dict:
   source_shape, target_shape = feature_shapes(config)
   backend = jax.default_backend()
   try:
-    model_cfg = model_lib.config_from(config.model, source_shape, target_shape)
+    model_cfg = workdir_lib.model_config(config, source_shape, target_shape)
     dtypes = list(dict.fromkeys([model_cfg.dtype] + [
         platform_lib.resolve_dtype(d, backend) for d in s.flowmap_dtypes]))
     configs = {d: model_cfg if d == model_cfg.dtype else

@@ -31,7 +31,7 @@ SOLVERS = ("euler", "heun")
 TIME_SAMPLINGS = ("uniform", "logit_normal", "shifted")
 DTYPES = ("auto", "float32", "bfloat16", "float16")   # auto: flowmap.platform.resolve_dtype
 MODES = ("sample", "mean")
-OBJECTIVES = ("flow", "regression")
+OBJECTIVES = ("flow", "regression", "meanflow")
 RESIDUALS = ("linear", "none")
 BASELINES = ("procrustes", "mlp")   # optional rungs next to the mean target and the ridge   # what the model's target is relative to   # a sample of p(target | source), or an estimate of its mean
 
@@ -90,6 +90,16 @@ def validate(config, sizes, remat_policies, attentions) -> None:
                     "a run learns only with flow.cond_dropout > 0; set eval.guidance=1")
   if c.flow.objective not in OBJECTIVES:
     problems.append(f"flow.objective must be one of {OBJECTIVES}, got {c.flow.objective!r}")
+  if c.flow.objective == "meanflow":
+    if c.eval.solver != "euler":
+      problems.append("flow.objective=meanflow samples with average-velocity Euler steps: set "
+                      f"eval.solver=euler (got {c.eval.solver!r})")
+    if c.eval.guidance != 1.0:
+      problems.append("flow.objective=meanflow does not do classifier-free guidance yet: set "
+                      "eval.guidance=1")
+    if not 0.0 <= c.flow.get("interval_fraction", 0.25) <= 1.0:
+      problems.append(f"flow.interval_fraction must be in [0, 1], got "
+                      f"{c.flow.interval_fraction}")
   if c.flow.time_sampling not in TIME_SAMPLINGS:
     problems.append(f"flow.time_sampling must be one of {TIME_SAMPLINGS}")
   if c.model.size not in sizes:

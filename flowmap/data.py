@@ -629,9 +629,7 @@ def _read_rows(data_dir: str, split: str, names: Sequence[str], rows: int) -> di
 def train_batches(data_dir: str, split: str, names: Sequence[str], global_batch: int, *,
                   seed: int = 0, limit: int = 0, start_step: int = 0, process_index: int = 0,
                   process_count: int = 1, in_memory_bytes: int = 2 << 30,
-                  shuffle_buffer_bytes: int = DEFAULT_SHUFFLE_BUFFER_MB << 20,
-                  normalizers: Optional[Mapping[str, Normalizer]] = None,
-                  shuffle_buffer: Optional[int] = None) -> Iterator[dict]:
+                  shuffle_buffer_bytes: int = DEFAULT_SHUFFLE_BUFFER_MB << 20) -> Iterator[dict]:
   """Endless training batches for this process: dicts name -> [local, tokens, dim] in the
   stored dtype (float16 or bfloat16), raw; the train step normalises them on the device.
 
@@ -646,12 +644,7 @@ def train_batches(data_dir: str, split: str, names: Sequence[str], global_batch:
   * A larger split streams (``make_dataset``): each process reads its own part, shuffled in
     windows of serialised records that take ``shuffle_buffer_bytes`` together. Resuming
     reads one window and the record headers before the step, not the epoch.
-
-  ``normalizers`` and ``shuffle_buffer`` serve train.py until its step normalises: with
-  ``normalizers`` the batches are normalised here, in float32, as before; ``shuffle_buffer``
-  (a record count) is ignored. Both go once train.py stops passing them.
   """
-  del shuffle_buffer
   if global_batch % process_count:
     raise DataError(f"global batch {global_batch} does not split over {process_count} processes")
   local = global_batch // process_count
@@ -660,18 +653,13 @@ def train_batches(data_dir: str, split: str, names: Sequence[str], global_batch:
     raise DataError(f"the {split!r} split has {rows.split_rows} rows, fewer than one batch "
                     f"of {global_batch}")
   if rows.split_rows * rows.row_bytes <= in_memory_bytes:
-    batches = _in_memory_batches(_read_rows(data_dir, split, names, rows.split_rows),
-                                 rows.split_rows, global_batch, seed, start_step,
-                                 process_index, local)
-  else:
-    batches = iterate_numpy(make_dataset(
-        data_dir, split, names, local, seed=seed, limit=limit, start_step=start_step,
-        process_index=process_index, process_count=process_count,
-        shuffle_buffer_bytes=shuffle_buffer_bytes))
-  if not normalizers:
-    return batches
-  return ({n: np.asarray(normalizers[n].encode(x) if n in normalizers else x, np.float32)
-           for n, x in batch.items()} for batch in batches)
+    return _in_memory_batches(_read_rows(data_dir, split, names, rows.split_rows),
+                              rows.split_rows, global_batch, seed, start_step,
+                              process_index, local)
+  return iterate_numpy(make_dataset(
+      data_dir, split, names, local, seed=seed, limit=limit, start_step=start_step,
+      process_index=process_index, process_count=process_count,
+      shuffle_buffer_bytes=shuffle_buffer_bytes))
 
 
 def _in_memory_batches(arrays: dict, rows: int, global_batch: int, seed: int,

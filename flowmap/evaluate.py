@@ -233,7 +233,7 @@ def sweep_guidances(config) -> list[float]:
   """1 (no guidance) plus the configured scales; none when the run never learned the
   unconditional velocity (flow.cond_dropout = 0), which guidance needs."""
   scales = [1.0]
-  if config.flow.cond_dropout > 0:
+  if config.flow.cond_dropout > 0 and config.flow.objective != "meanflow":
     for g in [config.eval.guidance, *config.eval.sweep_guidances]:
       if float(g) not in scales:
         scales.append(float(g))
@@ -285,7 +285,8 @@ def evaluate_workdir(config, workdir: str, step: Optional[int] = None) -> dict:
   sweep = []
   guidances = sweep_guidances(config)
   for label, params in _labelled(state):
-    for row in evaluator.sweep(params, list(c.sweep_solvers),
+    solvers = ["euler"] if config.flow.objective == "meanflow" else list(c.sweep_solvers)
+    for row in evaluator.sweep(params, solvers,
                                [int(n) for n in c.sweep_evaluations], guidances):
       sweep.append({"weights": label, **row})
   record = {"mode": c.mode, "solver": c.solver, "evaluations": c.steps,

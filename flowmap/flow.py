@@ -40,6 +40,42 @@ def sample_time(key, n: int, kind: str = "logit_normal", mean: float = 0.0,
   return t
 
 
+def sample_interval(key, t: jax.Array, fraction: float, kind: str = "logit_normal",
+                    mean: float = 0.0, std: float = 1.0, shift: float = 1.0):
+  """MeanFlow's training intervals: (start, end) per example with start <= end, both from the
+  time distribution; a ``fraction`` of the examples get a real interval (the two times
+  sorted), the rest start = end = t, where the average velocity is the instantaneous one and
+  the objective is plain flow matching."""
+  other = sample_time(key, t.shape[0], kind, mean, std, shift)
+  real = jax.random.bernoulli(jax.random.fold_in(key, 2), fraction, t.shape)
+  start = jnp.where(real, jnp.minimum(t, other), t)
+  end = jnp.where(real, jnp.maximum(t, other), t)
+  return start, end
+
+
+def meanflow_target(average_velocity: Callable, noise: jax.Array, x1: jax.Array,
+                    start: jax.Array, end: jax.Array):
+  """(prediction, regression target) of the MeanFlow identity (Geng et al. 2025) in flowmap's
+  convention (t = 0 noise, t = 1 data): the average velocity u(x_t, t, s) = (x_s - x_t) /
+  (s - t) satisfies u = v - (s - t) d/dt u along the path, and on the straight path the
+  velocity is v = x1 - noise, so the target is v + (s - t) (du/dx v + du/dt), with the total
+  derivative from one ``jax.jvp`` and no gradient through the target.
+  ``average_velocity(x, t, s)`` is the model; start = end gives flow matching's target v."""
+  v = target_velocity(noise, x1)
+  x = interpolate(noise, x1, start)
+  u, du_dt = jax.jvp(lambda x, t: average_velocity(x, t, end), (x, start),
+                     (v, jnp.ones_like(start)))
+  target = v + _bcast(end - start, v) * du_dt
+  return u, jax.lax.stop_gradient(target)
+
+
+def adaptive_weights(per_example: jax.Array, power: float, eps: float = 1e-3) -> jax.Array:
+  """MeanFlow's adaptive loss weight 1 / (error + eps)^power per example, no gradient:
+  power 1 makes the loss close to a per-example relative (roughly L1-like) error, which the
+  paper found the most stable; power 0 is the plain squared error."""
+  return jax.lax.stop_gradient(1.0 / jnp.power(per_example + eps, power))
+
+
 def shift_time(t: jax.Array, shift: float) -> jax.Array:
   """Maps t so that the noise level s = 1 - t becomes shift * s / (1 + (shift - 1) * s)."""
   s = 1.0 - t
@@ -67,7 +103,7 @@ def training_pair(objective: str, noise: jax.Array, x1: jax.Array, t: jax.Array)
   the same network asked for x1 itself from x = 0 at t = 0, so that its prediction is a
   one-step Euler move from zero, and every sampler reads it the same way (the equal-capacity
   answer to "do I need a flow at all": a regressor of the mean, with no spread)."""
-  if objective == "flow":
+  if objective in ("flow", "meanflow"):   # meanflow: its instantaneous (s = t) part
     return interpolate(noise, x1, t), t, target_velocity(noise, x1)
   if objective == "regression":
     return jnp.zeros_like(x1), jnp.zeros_like(t), x1
@@ -121,15 +157,20 @@ def steps_for_evaluations(solver: str, evaluations: int) -> int:
   raise ValueError(f"unknown solver {solver!r}; expected one of {SOLVERS}")
 
 
-def sample(velocity: Callable, noise: jax.Array, steps, solver: str = "euler") -> jax.Array:
+def sample(velocity: Callable, noise: jax.Array, steps, solver: str = "euler",
+           average: bool = False) -> jax.Array:
   """Integrates dx/dt = velocity(x, t) from t = 0 (noise) to t = 1 in one lax loop of
   ``steps`` (an int, or a traced integer: one compiled program for every step count).
 
   ``velocity(x, t)`` gets t as a vector of per-row times. Heun's second evaluation is at the
   end of every step, the last one included, so n steps cost exactly 2n evaluations.
+  ``average``: ``velocity(x, t, s)`` is an average velocity over [t, s] (MeanFlow) and each
+  Euler step goes x + (s - t) u(x, t, s): exact for a perfect model, one evaluation a step.
   """
   if solver not in SOLVERS:
     raise ValueError(f"unknown solver {solver!r}; expected one of {SOLVERS}")
+  if average and solver != "euler":
+    raise ValueError("average-velocity sampling (meanflow) takes Euler steps only")
   if isinstance(steps, int) and steps < 1:
     raise ValueError(f"steps must be >= 1, got {steps}")
   rows = noise.shape[0]
@@ -138,6 +179,8 @@ def sample(velocity: Callable, noise: jax.Array, steps, solver: str = "euler") -
   def step(i, x):   # steps + 1 evenly spaced times from 0 to 1
     t0, t1 = i / n, (i + 1) / n
     h = (t1 - t0).astype(x.dtype)
+    if average:
+      return x + h * velocity(x, jnp.full((rows,), t0), jnp.full((rows,), t1))
     v0 = velocity(x, jnp.full((rows,), t0))
     if solver == "euler":
       return x + h * v0

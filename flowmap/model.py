@@ -21,6 +21,7 @@ so an ODE sampler computes it once per call instead of once per step.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from typing import Optional
@@ -64,6 +65,7 @@ class ModelConfig:
   remat: str = "none"
   aligned_conditioning: bool = False   # the source resampled onto each target position
   linear_prior: bool = False   # the closed-form linear map's estimate as an input
+  interval: bool = False       # a second time input, the interval's end (flow.objective=meanflow)
   rope_theta: float = 10000.0
   attention: str = "auto"         # attention.IMPLEMENTATIONS; "auto" picks per backend
   scan_unroll: int = 1            # blocks per scan iteration (1: one compiled block)
@@ -107,6 +109,7 @@ def config_from(model_cfg, source_shape, target_shape) -> ModelConfig:
       dtype=platform_lib.resolve_dtype(model_cfg.get("dtype", "auto"), backend),
       remat=model_cfg.remat, aligned_conditioning=bool(model_cfg.aligned_conditioning),
       linear_prior=bool(model_cfg.get("linear_prior", False)),
+      interval=bool(model_cfg.get("interval", False)),
       attention=model_cfg.get("attention", "auto"),
       scan_unroll=max(1, min(int(model_cfg.get("scan_unroll", 1)), depth)))
   return dataclasses.replace(cfg, attention=cfg.attention_implementation(backend))
@@ -114,21 +117,50 @@ def config_from(model_cfg, source_shape, target_shape) -> ModelConfig:
 
 # ----------------------------------------------------------------------------- layers
 
-@jax.custom_vjp
-def linear(x, kernel, bias):
-  """x @ kernel + bias in x's dtype, float32 accumulation; kernel and bias float32.
+_FORWARD_MODE = [False]
 
-  A custom VJP so that the backward pass runs in x's dtype as well: the cotangent arrives in
-  x's dtype (autodiff of a float32 result would make every backward matmul float32), and the
-  kernel's gradient x^T dy is laid out as XLA's CPU matmul library takes it."""
+
+@contextlib.contextmanager
+def forward_mode_kernels():
+  """While tracing inside this block the model uses kernels that forward-mode autodiff
+  (``jax.jvp``, the MeanFlow objective) accepts: the plain matmul instead of ``linear``'s
+  custom VJP, XLA attention instead of the custom-VJP flash kernel or cuDNN. The same maths;
+  reverse mode through the result still works."""
+  before = _FORWARD_MODE[0]
+  _FORWARD_MODE[0] = True
+  try:
+    yield
+  finally:
+    _FORWARD_MODE[0] = before
+
+
+def _plain_linear(x, kernel, bias):
   y = jnp.dot(x, kernel.astype(x.dtype), preferred_element_type=jnp.float32)
   if bias is not None:
     y = y + bias
   return y.astype(x.dtype)
 
 
+def linear(x, kernel, bias):
+  """x @ kernel + bias in x's dtype, float32 accumulation; kernel and bias float32 (with a
+  custom VJP, except inside ``forward_mode_kernels``)."""
+  if _FORWARD_MODE[0]:
+    return _plain_linear(x, kernel, bias)
+  return _custom_linear(x, kernel, bias)
+
+
+@jax.custom_vjp
+def _custom_linear(x, kernel, bias):
+  """x @ kernel + bias in x's dtype, float32 accumulation; kernel and bias float32.
+
+  A custom VJP so that the backward pass runs in x's dtype as well: the cotangent arrives in
+  x's dtype (autodiff of a float32 result would make every backward matmul float32), and the
+  kernel's gradient x^T dy is laid out as XLA's CPU matmul library takes it."""
+  return _plain_linear(x, kernel, bias)
+
+
 def _linear_fwd(x, kernel, bias):
-  return linear(x, kernel, bias), (x, kernel, bias)
+  return _plain_linear(x, kernel, bias), (x, kernel, bias)
 
 
 def _kernel_gradient_row_major(x, dy):
@@ -163,7 +195,7 @@ def _linear_bwd(residuals, dy):
   return dx, d_kernel, d_bias
 
 
-linear.defvjp(_linear_fwd, _linear_bwd)
+_custom_linear.defvjp(_linear_fwd, _linear_bwd)
 
 
 class Dense(nnx.Module):
@@ -291,6 +323,8 @@ class Attention(nnx.Module):
     hd, kvh = self.head_dim, self.kv_heads
     implementation = attention_lib.resolve(self.implementation, jax.default_backend(),
                                            x.dtype, hd)
+    if _FORWARD_MODE[0] and implementation in ("flash", "cudnn"):
+      implementation = "xla"
     q, k, v = jnp.split(self.qkv(x), [self.heads * hd, (self.heads + kvh) * hd], axis=-1)
     # 1/sqrt(head_dim) is folded into q, where it costs nothing next to the norm and RoPE.
     q = self.q_norm(q.reshape(b, n, self.heads, hd)) * jnp.asarray(hd ** -0.5, x.dtype)
@@ -363,6 +397,11 @@ class NextDiT(nnx.Module):
     self.in_proj = Dense(dt_in, d, rngs=rngs, dtype=dt)
     self.time_mlp1 = Dense(256, cfg.cond_dim, rngs=rngs, dtype=dt)
     self.time_mlp2 = Dense(cfg.cond_dim, cfg.cond_dim, rngs=rngs, dtype=dt)
+    # MeanFlow's second time input: the interval s - t, embedded like t; zero at
+    # initialisation, so the model starts as an instantaneous velocity model.
+    self.interval_mlp1 = Dense(256, cfg.cond_dim, rngs=rngs, dtype=dt) if cfg.interval else None
+    self.interval_mlp2 = (Dense(cfg.cond_dim, cfg.cond_dim, rngs=rngs, dtype=dt, zero=True)
+                          if cfg.interval else None)
     self.source_norm = RMSNorm(ds, dtype=dt)
     self.source_proj = Dense(ds, d, rngs=rngs, dtype=dt)
     self.source_pool = Dense(d, cfg.cond_dim, rngs=rngs, dtype=dt)
@@ -422,8 +461,12 @@ class NextDiT(nnx.Module):
                .astype(jnp.float32)}
     per_position = []
     if self.aligned is not None:
-      on_target = jnp.einsum("ts,bsd->btd", self.resampling(cfg), s.astype(jnp.float32))
-      per_position.append(self.aligned(on_target.astype(s.dtype)))
+      if cfg.source_shape[0] == cfg.target_shape[0]:   # the identity: no averaging to do
+        on_target = s
+      else:   # a constant average of neighbouring tokens, in float32
+        on_target = jnp.einsum("ts,bsd->btd", self.resampling(cfg),
+                               s.astype(jnp.float32)).astype(s.dtype)
+      per_position.append(self.aligned(on_target))
     if self.prior_in is not None:
       if prior is None:
         raise ValueError("this model takes the linear map's estimate (linear_prior): pass prior")
@@ -453,11 +496,16 @@ class NextDiT(nnx.Module):
         block_state, projected)
     return context
 
-  def velocity(self, x, t, context: dict):
+  def velocity(self, x, t, context: dict, s=None):
     """x_t [B, Nt, Dt], t [B] in [0, 1], context from ``source_context`` -> the predicted
-    velocity [B, Nt, Dt], float32."""
+    velocity [B, Nt, Dt], float32. With ``interval`` (MeanFlow) and ``s`` [B] >= t: the
+    average velocity from t to s, (x_s - x_t) / (s - t); s = None (or s = t) is the
+    instantaneous velocity."""
     cfg = self.cfg
     c = self.time_mlp2(jax.nn.silu(self.time_mlp1(timestep_embedding(t))))
+    if self.interval_mlp1 is not None:
+      s = t if s is None else s
+      c = c + self.interval_mlp2(jax.nn.silu(self.interval_mlp1(timestep_embedding(s - t))))
     c = (c.astype(jnp.float32) + context["condition"]).astype(cfg.compute_dtype)
     h = self.in_proj(x)
     if "aligned" in context:
@@ -482,27 +530,39 @@ class NextDiT(nnx.Module):
     scale = self.final_modulation(jax.nn.silu(c))[:, None, :]
     out = self.final(layer_norm(h) * (1 + scale)).astype(jnp.float32)
     if "prior" in context:
-      out = out + gaussian_velocity(x, t, context["prior"], context["prior_std"])
+      out = out + gaussian_velocity(x, t, context["prior"], context["prior_std"], s)
     return out
 
-  def __call__(self, x, t, source, drop=None, prior=None, prior_std=None):
-    return self.velocity(x, t, self.source_context(source, drop, prior, prior_std))
+  def __call__(self, x, t, source, drop=None, prior=None, prior_std=None, s=None):
+    return self.velocity(x, t, self.source_context(source, drop, prior, prior_std), s)
 
 
 PRIOR_STD_FLOOR = 1e-2
 
 
-def gaussian_velocity(x, t, mean, std):
+def gaussian_velocity(x, t, mean, std, s=None):
   """The exact rectified-flow velocity E[x1 - noise | x_t] when x1 ~ N(mean, std^2) per
-  dimension: the base a linear_prior model corrects. With the linear map's estimate as the
+  dimension: the base a linear_prior model corrects. With ``s``, the exact average velocity
+  (x_s - x_t) / (s - t) along that Gaussian model's ODE (the base of a MeanFlow model): the
+  ODE keeps (x - t mean) / sd(t) fixed, sd(t)^2 = (1 - t)^2 + t^2 std^2. With the linear map's estimate as the
   mean and its residual spread as the std, the untrained model already is that Gaussian
   linear model: its one-step estimate x + v(x, 0) is the map's estimate and its samples
   spread like the map's residuals, and the network learns only what the map misses.
   x [B, Nt, Dt], t [B], mean [B, Nt, Dt], std [B, 1, Dt] or broadcastable."""
   x = x.astype(jnp.float32)
-  t = jnp.reshape(t.astype(jnp.float32), (-1,) + (1,) * (x.ndim - 1))
+  column = lambda a: jnp.reshape(a.astype(jnp.float32), (-1,) + (1,) * (x.ndim - 1))
+  t = column(t)
   var = jnp.square(std)
-  return mean + (t * var - (1 - t)) * (x - t * mean) / (jnp.square(1 - t) + t * t * var)
+  sd2_t = jnp.square(1 - t) + t * t * var
+  instantaneous = mean + (t * var - (1 - t)) * (x - t * mean) / sd2_t
+  if s is None:
+    return instantaneous
+  s = column(s)
+  h = s - t
+  short = jnp.abs(h) < 1e-4
+  h_safe = jnp.where(short, 1.0, h)   # both branches stay finite, for autodiff too
+  x_s = s * mean + jnp.sqrt((jnp.square(1 - s) + s * s * var) / sd2_t) * (x - t * mean)
+  return jnp.where(short, instantaneous, (x_s - x) / h_safe)
 
 
 def flops(cfg: ModelConfig) -> dict:

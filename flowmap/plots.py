@@ -124,7 +124,7 @@ def format_table(step: int, record: dict) -> str:
   """The table --mode eval prints: every output (the mean, samples per solver and evaluation
   count) of the EMA weights against the baselines, pointwise and distribution figures side
   by side (eval/<step>.json also holds the raw weights' rows and every other figure)."""
-  width = 12
+  width = max(12, 2 + max(len(m) for m in TABLE_METRICS))   # a space between every header
   head = "".join(f"{m:>{width}}" for m in TABLE_METRICS)
   lines = [f"step {step}: {record['num_images']} held-out images, EMA weights. Pointwise "
            "figures reward the mean; fd_pooled and variance_ratio a faithful sampler",

@@ -40,7 +40,7 @@ def abstract_model(model_cfg: model_lib.ModelConfig, seed: int = 0):
                                                              rngs=nnx.Rngs(params=seed))))
 
 
-def _model_inputs(condition):
+def model_inputs(condition):
   """(source, prior, prior_std) from a condition: {"source", "prior", "prior_std"}
   (RunSpec.condition) or a bare source array."""
   if isinstance(condition, dict):
@@ -53,18 +53,19 @@ def make_velocity(graphdef) -> Callable:
   ``RunSpec.condition(raw source)`` or, for a model without the linear prior, the
   normalised source itself."""
   def velocity(params, x, t, condition, drop=None):
-    source, prior, prior_std = _model_inputs(condition)
+    source, prior, prior_std = model_inputs(condition)
     return nnx.merge(graphdef, params)(x, t, source, drop, prior, prior_std)
   return velocity
 
 
-def _generator(graphdef, solver: str, guidance: float) -> Callable:
+def _generator(graphdef, solver: str, guidance: float, average: bool = False) -> Callable:
   """(params, condition, noise, steps) -> generated target in the normalised space (not
   jitted). The time-independent source side (projections, every block's source keys and
-  values) is computed once per call, not at every evaluation; ``steps`` may be traced."""
+  values) is computed once per call, not at every evaluation; ``steps`` may be traced.
+  ``average``: a MeanFlow model's average-velocity Euler steps (no guidance)."""
   def generate(params, condition, noise, steps):
     model = nnx.merge(graphdef, params)
-    source, prior, prior_std = _model_inputs(condition)
+    source, prior, prior_std = model_inputs(condition)
     rows = noise.shape[0]
     if guidance == 1.0:
       context = model.source_context(source, None, prior, prior_std)
@@ -73,6 +74,12 @@ def _generator(graphdef, solver: str, guidance: float) -> Callable:
       keep = jnp.zeros((rows,), bool)
       context = model.source_context(twice(source), jnp.concatenate([keep, ~keep]),
                                      twice(prior), twice(prior_std))
+
+    if average:
+      if guidance != 1.0:
+        raise ValueError("a meanflow model samples without guidance")
+      return flow.sample(lambda x, t, s: model.velocity(x, t, context, s), noise, steps,
+                         solver, average=True)
 
     def velocity(x, t, drop):
       del drop   # the context already holds the rows' drop pattern
@@ -99,7 +106,8 @@ def make_row_sampler(graphdef, target_shape, solver: str, guidance: float = 1.0,
   the average over ``mean_draws`` noise draws of one Euler step of length 1 from the noise
   (x0 + v(x0, 0), where the ideal velocity is E[x1 | source] - x0 whatever x0 is);
   ``mean_draws`` evaluations, ``steps`` does not apply. A run trained with the regression
-  objective has one output in both modes, its prediction (one evaluation)."""
+  objective has one output in both modes, its prediction (one evaluation); one trained with
+  meanflow samples with ``steps`` average-velocity Euler steps (``steps`` evaluations)."""
   if mode not in MODES:
     raise ValueError(f"unknown output mode {mode!r}; expected one of {MODES}")
   if objective == "regression":
@@ -123,7 +131,7 @@ def make_row_sampler(graphdef, target_shape, solver: str, guidance: float = 1.0,
                                  noise_for_rows(seed, rows, target_shape, k), 1)
       return total / mean_draws
     return mean_rows
-  generate = _generator(graphdef, solver, guidance)
+  generate = _generator(graphdef, solver, guidance, average=objective == "meanflow")
 
   @jax.jit
   def sample_rows(params, condition, rows, seed, steps):

@@ -131,7 +131,12 @@ def _per_example(key, x1, config):
                        f.mean_fraction)
   noise = jax.random.normal(k_n, x1.shape, jnp.float32)
   drop = flow.condition_dropout(k_d, x1.shape[0], f.cond_dropout)
-  return t, noise, drop
+  if f.objective == "meanflow":   # the interval's end; the same t, noise and drop streams
+    t, end = flow.sample_interval(jax.random.fold_in(k_t, 7), t, f.interval_fraction,
+                                  f.time_sampling, f.logit_mean, f.logit_std, f.shift)
+  else:
+    end = t
+  return t, end, noise, drop
 
 
 def _global_norm(tree) -> jax.Array:
@@ -159,11 +164,25 @@ def make_train_step(config, graphdef, tx, spec: Optional[workdir_lib.RunSpec] = 
 
   objective = config.flow.objective
 
-  def loss_fn(params, source, x1, t, noise, drop):
-    x, time, target = flow.training_pair(objective, noise, x1, t)
-    pred = velocity(params, x, time, source, drop)
-    loss = flow.loss(pred, target, config.flow.loss_scale)
-    per_example = flow.per_example_loss(pred, target)   # for the time buckets
+  def loss_fn(params, source, x1, t, end, noise, drop):
+    if objective == "meanflow":
+      model = nnx.merge(graphdef, params)
+      inputs, prior, prior_std = sampling.model_inputs(source)
+      context = model.source_context(inputs, drop, prior, prior_std)
+      with model_lib.forward_mode_kernels():
+        pred, target = flow.meanflow_target(
+            lambda x, t, s: model.velocity(x, t, context, s), noise, x1, t, end)
+      per_example = flow.per_example_loss(pred, target)
+      weights = flow.adaptive_weights(per_example, config.flow.adaptive_power)
+      weighted = config.flow.loss_scale * jnp.mean(weights * per_example)
+      # The gradient of the weighted loss, the value of the plain one (what train/loss logs).
+      sg = jax.lax.stop_gradient
+      loss = weighted - sg(weighted) + sg(config.flow.loss_scale * jnp.mean(per_example))
+    else:
+      x, time, target = flow.training_pair(objective, noise, x1, t)
+      pred = velocity(params, x, time, source, drop)
+      loss = flow.loss(pred, target, config.flow.loss_scale)
+      per_example = flow.per_example_loss(pred, target)   # for the time buckets
     p, v = pred.reshape(len(pred), -1), target.reshape(len(target), -1)
     cos = jnp.sum(p * v, -1) / jnp.maximum(
         jnp.linalg.norm(p, axis=-1) * jnp.linalg.norm(v, axis=-1), 1e-12)
@@ -178,13 +197,13 @@ def make_train_step(config, graphdef, tx, spec: Optional[workdir_lib.RunSpec] = 
       source, x1 = {"source": batch["source"]}, batch["target"]
     else:
       source, x1 = spec.condition(batch["source"]), spec.encode_target(batch["target"])
-    t, noise, drop = _per_example(key, x1, config)
+    t, end, noise, drop = _per_example(key, x1, config)
     if accum == 1:
-      (loss, (per_example, cos)), grads = grad_fn(params, source, x1, t, noise, drop)
+      (loss, (per_example, cos)), grads = grad_fn(params, source, x1, t, end, noise, drop)
     else:
       # Interleaved micro-batches (rows i, i + accum, ...) keep every device's rows local.
       split = lambda x: jnp.swapaxes(x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), 0, 1)
-      micro = jax.tree.map(split, (source, x1, t, noise, drop))
+      micro = jax.tree.map(split, (source, x1, t, end, noise, drop))
 
       def body(grads, mb):
         (l, aux), g = grad_fn(params, *mb)

@@ -38,7 +38,7 @@ LINEAR_FILE = "linear_map.npz"
 # a config that resolves to the same values (a named size and explicit dims may say it
 # differently).
 MODEL_KEYS = ("dim", "depth", "heads", "kv_heads", "mlp_ratio", "aligned_conditioning",
-              "linear_prior")
+              "linear_prior", "interval")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,13 +127,20 @@ def validate_config(config) -> None:
   config_lib.validate(config, model_lib.SIZES, model_lib.REMAT_POLICIES, model_lib.ATTENTION)
 
 
+def model_config(config, source_shape, target_shape) -> model_lib.ModelConfig:
+  """``config.model`` resolved for these shapes; the MeanFlow objective adds the model's
+  second time input."""
+  model_cfg = model_lib.config_from(config.model, source_shape, target_shape)
+  return dataclasses.replace(model_cfg,
+                             interval=config.flow.get("objective", "flow") == "meanflow")
+
+
 def spec_from_config(config, stats: dict) -> RunSpec:
   """The spec a config gives on a dataset (its stats.json): shapes and statistics from the
   data, model settings from the config."""
   shapes = {name: tuple(f["shape"]) for name, f in stats["features"].items()}
   try:
-    model_cfg = model_lib.config_from(config.model, shapes[config.data.source],
-                                      shapes[config.data.target])
+    model_cfg = model_config(config, shapes[config.data.source], shapes[config.data.target])
   except ValueError as e:
     raise ConfigError(str(e)) from None
   normalizers = {role: data_lib.Normalizer.from_stats(stats, config.data[role],
@@ -196,7 +203,7 @@ def read_spec(workdir: str, config=None) -> RunSpec:
   info = read_spec_json(workdir)
   if info is None:
     raise FileNotFoundError(f"{workdir} is not a flowmap run (no {SPEC_FILE})")
-  model_cfg = model_lib.config_from(config.model, info["source_shape"], info["target_shape"])
+  model_cfg = model_config(config, info["source_shape"], info["target_shape"])
   normalizers = {role: data_lib.Normalizer.from_json(info[f"{role}_normalizer"])
                  for role in ("source", "target")}
   linear = None
@@ -218,9 +225,10 @@ def check_compatible(workdir: str, spec: RunSpec) -> None:
       raise ConfigError(f"{workdir} holds a run with data.{key}={saved.get(key)}, but this "
                         f"config gives {mine[key]}; use the run's config or a new --workdir")
   for key, value in mine["model"].items():
-    old = saved.get("model", {}).get(key, value)
+    old = saved.get("model", {}).get(key, False if key == "interval" else value)
     if old != value:
-      raise ConfigError(f"{workdir} holds a run with model.{key}={old}, but this config "
+      name = "flow.objective=meanflow" if key == "interval" else f"model.{key}"
+      raise ConfigError(f"{workdir} holds a run with {name}={old}, but this config "
                         f"gives {value}; use the run's config or a new --workdir")
   for role in ("source", "target"):
     old = saved.get(f"{role}_normalizer", {}).get("kind")

@@ -27,6 +27,7 @@ def small_config(data_dir: str):
   c.eval.batch_size = 64
   c.eval.steps = 8
   c.flow.cond_dropout = 0.1   # guidance needs the unconditional velocity
+  c.eval.baselines = ("procrustes", "mlp")   # the whole ladder, as a user's run has it
   c.wandb.project = "flowmap-tests"
   return c
 

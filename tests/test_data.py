@@ -240,17 +240,6 @@ def test_a_split_string_reads_its_rows_across_shards_in_order(numbered):
     data_lib.split_info(numbered, "train[:3]+test[:3]")
 
 
-def test_normalizers_still_apply_on_the_host_until_the_step_does(numbered):
-  stats = data_lib.load_stats(numbered)
-  norm = data_lib.Normalizer.from_stats(stats, "x", "standardize")
-  kw = dict(seed=2, **STREAMED)
-  raw = next(data_lib.train_batches(numbered, "train", ["id", "x"], 16, **kw))
-  done = next(data_lib.train_batches(numbered, "train", ["id", "x"], 16,
-                                     normalizers={"x": norm}, shuffle_buffer=10_000, **kw))
-  assert done["x"].dtype == np.float32
-  np.testing.assert_array_equal(done["x"], norm.encode(raw["x"]))
-
-
 def test_measure_input_reports_positive_figures(numbered):
   figures = data_lib.measure_input(numbered, ["id", "x"], 8, batches=3,
                                    shuffle_buffer_bytes=1 << 16)

@@ -167,6 +167,7 @@ def test_sweep_table_and_plot_show_every_output_and_guidance(tmp_path):
             **{f"eval/{k}": 0.5 for k in (*metrics.METRICS, "velocity_cosine")}}
   table = plots.format_table(7, record).splitlines()
   rows = {line[:36].strip(): line[36:].split() for line in table[2:-1]}
+  assert table[1].split() == ["output", *plots.TABLE_METRICS]   # every header apart
   assert rows["mean, 4 evals"][0] == "0.7700" and rows["mean, 4 evals"][-1] == "0.2500"
   assert rows["euler, 1 eval"][0] == "0.6100"        # the EMA weights' figure
   assert rows["heun, 8 evals g=2"][0] == "0.6800"

@@ -127,3 +127,93 @@ def test_regression_pair_asks_for_the_target_from_zero_at_time_zero():
   x, t, target = flow.training_pair("flow", noise, x1, jnp.array([0.25, 1.0]))
   np.testing.assert_allclose(x[0], 0.75 * 1 + 0.25 * 5)
   np.testing.assert_array_equal(target, x1 - noise)
+
+
+# --------------------------------------------------------------------------- MeanFlow
+
+def _straight_coupling(n=256, d=6, seed=0):
+  """x1 = a * noise + b: a coupling whose straight paths x_t = c_t noise + t b (c_t = 1 - t +
+  t a > 0) never cross, so the conditional velocity x1 - noise is the marginal one and the
+  exact average velocity is (x_s - x_t) / (s - t) with x_s = c_s / c_t (x_t - t b) + s b."""
+  k = jax.random.split(jax.random.key(seed), 2)
+  noise = jax.random.normal(k[0], (n, 1, d))
+  a = jnp.linspace(0.3, 1.8, d)[None, None]
+  b = jnp.linspace(-1.0, 2.0, d)[None, None]
+
+  def exact(x, t, s):
+    t, s = t[:, None, None], s[:, None, None]
+    c = lambda u: 1 - u + u * a
+    h = s - t
+    short = jnp.abs(h) < 1e-4
+    x_s = c(s) / c(t) * (x - t * b) + s * b
+    instantaneous = (a - 1) * (x - t * b) / c(t) + b
+    return jnp.where(short, instantaneous, (x_s - x) / jnp.where(short, 1.0, h))
+  return noise, a * noise + b, exact
+
+
+def test_meanflow_target_equals_the_exact_average_velocity_and_one_step_samples_exactly():
+  """With the exact average velocity, the MeanFlow identity's target (one jax.jvp) is that
+  velocity itself, for real intervals and for s = t (where it is flow matching's v); and an
+  average-velocity Euler step over [0, 1] lands on the data in one evaluation."""
+  noise, x1, exact = _straight_coupling()
+  k = jax.random.split(jax.random.key(3), 2)
+  t = jax.random.uniform(k[0], (noise.shape[0],)) * 0.9
+  start, end = flow.sample_interval(k[1], t, 0.5, "uniform")
+  assert np.all(np.asarray(end) >= np.asarray(start))
+  real = np.asarray(end > start)
+  assert 0.3 < real.mean() < 0.7
+  pred, target = flow.meanflow_target(exact, noise, x1, start, end)
+  np.testing.assert_allclose(np.asarray(pred), np.asarray(target), atol=2e-4)
+  np.testing.assert_allclose(np.asarray(target)[~real], np.asarray(x1 - noise)[~real],
+                             atol=2e-4)
+  one_step = flow.sample(exact, noise, 1, "euler", average=True)
+  np.testing.assert_allclose(np.asarray(one_step), np.asarray(x1), atol=1e-4)
+  with pytest.raises(ValueError, match="Euler"):
+    flow.sample(exact, noise, 2, "heun", average=True)
+
+
+def test_gaussian_average_velocity_integrates_the_instantaneous_one():
+  """model.gaussian_velocity with s is the average of the instantaneous Gaussian velocity
+  along its own ODE: x_t + (s - t) u(x_t, t, s) equals a fine Heun solve from t to s, and one
+  average step from noise to t = 1 is the Gaussian's quantile map, mean + std * noise."""
+  from flowmap import model as M
+  k = jax.random.split(jax.random.key(0), 2)
+  x0 = jax.random.normal(k[0], (4096, 1, 5))
+  mean = jnp.linspace(-1.0, 1.0, 5)[None, None]
+  std = jnp.linspace(0.3, 1.5, 5)[None, None]
+  n = x0.shape[0]
+  t, s = jnp.full((n,), 0.1), jnp.full((n,), 0.8)
+  x_t = flow.sample(lambda x, u: M.gaussian_velocity(x, u * 0.1, mean, std) * 0.1, x0, 64,
+                    "heun")
+  fine = flow.sample(lambda x, u: M.gaussian_velocity(x, 0.1 + 0.7 * u, mean, std) * 0.7, x_t,
+                     256, "heun")
+  jump = x_t + 0.7 * M.gaussian_velocity(x_t, t, mean, std, s)
+  np.testing.assert_allclose(np.asarray(jump), np.asarray(fine), atol=1e-4)
+  one = x0 + M.gaussian_velocity(x0, jnp.zeros(n), mean, std, jnp.ones(n))
+  np.testing.assert_allclose(np.asarray(one), np.asarray(mean + std * x0), atol=1e-5)
+
+
+def test_meanflow_target_of_a_wrong_model_differs_and_its_gradient_is_stopped():
+  """The target is not the prediction for a model that is off, and no gradient flows
+  through it (only through the prediction)."""
+  noise, x1, exact = _straight_coupling(n=32)
+  start = jnp.full((32,), 0.2)
+  end = jnp.full((32,), 0.7)
+
+  def loss(scale):
+    u = lambda x, t, s: scale * exact(x, t, s)
+    pred, target = flow.meanflow_target(u, noise, x1, start, end)
+    return jnp.mean((pred - target) ** 2), (pred, target)
+  (value, (pred, target)), grad = jax.value_and_grad(loss, has_aux=True)(1.3)
+  assert float(value) > 1e-3
+  # d/dscale of mean((scale * u0 - sg(target))^2) = mean(2 (pred - target) u0), u0 = pred/scale
+  expected = jnp.mean(2 * (pred - target) * pred / 1.3)
+  np.testing.assert_allclose(float(grad), float(expected), rtol=1e-4)
+
+
+def test_adaptive_weights_have_no_gradient_and_power_zero_is_plain():
+  err = jnp.array([0.0, 0.5, 2.0])
+  np.testing.assert_allclose(flow.adaptive_weights(err, 0.0), 1.0)
+  np.testing.assert_allclose(flow.adaptive_weights(err, 1.0), 1.0 / (err + 1e-3), rtol=1e-6)
+  g = jax.grad(lambda e: jnp.sum(flow.adaptive_weights(e, 1.0)))(err)
+  np.testing.assert_array_equal(np.asarray(g), 0.0)

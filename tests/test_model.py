@@ -482,3 +482,28 @@ def test_untrained_linear_prior_model_samples_the_gaussian_linear_model():
   np.testing.assert_allclose(kept.std((0, 1)), np.linspace(0.2, 1.5, 12), rtol=0.03)
   np.testing.assert_allclose(dropped.mean((0, 1)), 0.0, atol=0.02)
   np.testing.assert_allclose(dropped.std((0, 1)), 1.0, rtol=0.03)
+
+
+def test_interval_input_starts_at_zero_and_forward_mode_kernels_give_the_same_model():
+  """model.interval (meanflow): the interval's embedding is zero at initialisation, so the
+  untrained model's average velocity is its instantaneous one whatever s; once trained it
+  depends on s. Inside forward_mode_kernels the model (plain matmul, XLA attention) gives the
+  same values and takes jax.jvp, which the custom-VJP kernels refuse."""
+  cfg = dataclasses.replace(CFG, interval=True, attention="flash")
+  model = M.NextDiT(cfg, rngs=nnx.Rngs(0))
+  x, t, s = inputs(cfg)
+  context = model.source_context(s)
+  end = jnp.minimum(t + 0.3, 1.0)
+  np.testing.assert_array_equal(np.asarray(model.velocity(x, t, context, end)),
+                                np.asarray(model.velocity(x, t, context)))
+  model = perturbed(model)
+  context = model.source_context(s)
+  a = model.velocity(x, t, context, end)
+  assert not np.allclose(np.asarray(a), np.asarray(model.velocity(x, t, context)))
+  with M.forward_mode_kernels():
+    b, tangent = jax.jvp(lambda x, t: model.velocity(x, t, context, end), (x, t),
+                         (jnp.ones_like(x), jnp.ones_like(t)))
+  np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+  assert np.isfinite(np.asarray(tangent)).all()
+  with pytest.raises(TypeError):
+    jax.jvp(lambda x: model.velocity(x, t, context, end), (x,), (jnp.ones_like(x),))

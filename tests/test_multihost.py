@@ -31,7 +31,7 @@ OVERRIDES = {   # on top of configs/demo.py
     "model.dim": 64, "model.depth": 2, "model.heads": 4,
     "train.steps": STEPS, "train.batch_size": 16, "train.warmup_steps": 2,
     "train.log_every": 3, "train.eval_every": STEPS, "train.checkpoint_every": STEPS,
-    "eval.num_images": 32, "eval.batch_size": 16, "eval.steps": 2,
+    "eval.num_images": 32, "eval.batch_size": 16, "eval.steps": 2, "eval.baselines": (),
 }
 
 

@@ -572,7 +572,7 @@ def test_dataset_keys_never_become_paths_in_map_mode(tmp_path, monkeypatch):
 
     _check_guidance = check_guidance
 
-    def map(self, x, seed=0, first_row=0, batch_size=0):
+    def map(self, x, seed=0, first_row=0, batch_size=0, mode="sample"):
       return np.asarray(x, np.float32) * 2.0
 
   monkeypatch.setattr(mapper_lib.Mapper, "from_workdir", classmethod(
