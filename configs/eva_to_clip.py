@@ -16,8 +16,6 @@ def get_config():
   c.data.source_shape = (256, 1024)
   c.data.target_shape = (256, 1024)
   c.model.size = "base"
-  c.model.dtype = "bfloat16"
-  c.model.aligned_conditioning = True
   c.train.steps = 200_000
   c.train.batch_size = 256
   c.train.lr = 3e-4

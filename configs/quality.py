@@ -7,8 +7,8 @@ from configs import demo
 def get_config():
   c = demo.get_config()
   c.data.dir = "<written by flowmap.quality>"
-  c.train.steps = 2000
-  c.train.eval_every = 2000
-  c.train.checkpoint_every = 1000
+  c.train.steps = 1000
+  c.train.eval_every = 1000
+  c.train.checkpoint_every = 500
   c.eval.num_images = 512
   return c

@@ -7,7 +7,7 @@ prints one markdown table: flowmap's mean mode (the fair pointwise comparison) a
 ridge map, the MLP and the mean target on ``cosine_token``, ``mse`` and ``recall_at_1``, with
 the sample mode beside it. Every figure is on 512 held-out images of the task.
 
-  python -m flowmap.quality --out runs/quality [--sizes 2000,20000] [--tasks grid_equal,...]
+  python -m flowmap.quality --out runs/quality [--sizes 2000] [--tasks grid_equal,...]
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(HERE, "configs", "quality.py"), "ml_collections config file.",
     lock_config=False)
 flags.DEFINE_string("out", "runs/quality", "Where the datasets, the runs and quality.json go.")
-flags.DEFINE_list("sizes", ["2000", "20000"], "Training-set sizes.")
+flags.DEFINE_list("sizes", ["2000"], "Training-set sizes.")
 flags.DEFINE_list("tasks", [], "Tasks (default: every grid task of flowmap.synthetic).")
 FLAGS = flags.FLAGS
 

@@ -1,8 +1,10 @@
 """Every bad setting stops before any work with one line and exit code 2."""
 
+import os
+
 import pytest
 
-from conftest import run_main, tiny_config
+from conftest import ROOT, run_main, tiny_config
 from flowmap import config as config_lib
 from flowmap import workdir
 from flowmap.config import ConfigError
@@ -70,3 +72,21 @@ def test_a_mesh_that_does_not_cover_the_devices_is_one_line(tmp_path):
 def test_a_partial_multi_process_start_is_one_line(tmp_path):
   line = _one_error_line(run_main(["--workdir", str(tmp_path), "--num_processes=2"]))
   assert "multi-process start needs all of --coordinator_address" in line
+
+
+@pytest.mark.parametrize("name", sorted(
+    f[:-3] for f in os.listdir(os.path.join(ROOT, "configs"))
+    if f.endswith(".py") and f not in ("__init__.py", "default.py")))   # default: the base
+def test_every_shipped_config_validates_and_builds_its_model(name):
+  """Each config file a user can pass is valid as shipped and, where it names shapes, gives
+  a model with a per-position path for its layout (aligned conditioning and the prior)."""
+  import importlib
+  from flowmap import workdir as workdir_lib
+  module = importlib.import_module(f"configs.{name}")
+  c = module.get_config()
+  workdir_lib.validate_config(c)
+  if c.data.get("source_shape") and c.data.get("target_shape") and name != "bench":
+    # (bench matches the PyTorch peer's architecture: no per-position paths)
+    cfg = workdir_lib.model_config(c, c.data.source_shape, c.data.target_shape)
+    assert cfg.aligned_conditioning and cfg.linear_prior
+    assert cfg.source_shape == tuple(c.data.source_shape)
