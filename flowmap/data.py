@@ -735,12 +735,27 @@ def measure_input(data_dir: str, names: Sequence[str], batch: int, *, batches: i
     next(stream)
   rate = batches * batch / (time.perf_counter() - start)
   cpu_ms = (_cpu_s() - cpu) * 1e3 / (batches * batch)
-  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss   # KiB on Linux, bytes on macOS
-  peak_bytes = peak if sys.platform == "darwin" else peak << 10
+  peak_bytes = peak_rss_bytes()
   return {"first_batch_s": first, "samples_per_s": rate, "cpu_ms_per_sample": cpu_ms,
           "mib_per_s": rate * _Rows(data_dir, split, names).row_bytes / 2 ** 20,
           "peak_rss_gib": peak_bytes / 2 ** 30, "batch": batch, "batches": batches,
           "shuffle_buffer_mb": shuffle_buffer_bytes / 2 ** 20}
+
+
+def peak_rss_bytes() -> int:
+  """This process's peak resident memory. Linux's VmHWM (the high-water mark of this
+  program's own memory) where there is one: getrusage's ru_maxrss carries the peak of the
+  process that was replaced by exec, so a child spawned by a large parent would report the
+  parent's size."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("VmHWM:"):
+          return int(line.split()[1]) << 10
+  except OSError:
+    pass
+  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss   # KiB on Linux, bytes on macOS
+  return peak if sys.platform == "darwin" else peak << 10
 
 
 def _cpu_s() -> float:

@@ -22,12 +22,6 @@ from ml_collections import config_flags
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, HERE)   # config files import `configs.default`
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(HERE, "configs", "quality.py"), "ml_collections config file.",
-    lock_config=False)
-flags.DEFINE_string("out", "runs/quality", "Where the datasets, the runs and quality.json go.")
-flags.DEFINE_list("sizes", ["2000"], "Training-set sizes.")
-flags.DEFINE_list("tasks", [], "Tasks (default: every grid task of flowmap.synthetic).")
 FLAGS = flags.FLAGS
 
 FIGURES = ("cosine_token", "mse", "recall_at_1")
@@ -62,11 +56,23 @@ def table(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
-def main(argv):
+def _define_flags():
+  """The command line's flags, defined only when this module runs as the program (importing
+  it for ``table`` defines nothing in absl's global registry)."""
+  config = config_flags.DEFINE_config_file(
+      "config", os.path.join(HERE, "configs", "quality.py"), "ml_collections config file.",
+      lock_config=False)
+  flags.DEFINE_string("out", "runs/quality", "Where the datasets, the runs and quality.json go.")
+  flags.DEFINE_list("sizes", ["2000"], "Training-set sizes.")
+  flags.DEFINE_list("tasks", [], "Tasks (default: every grid task of flowmap.synthetic).")
+  return config
+
+
+def main(argv, config):
   del argv
   from flowmap import synthetic
   tasks = FLAGS.tasks or list(synthetic.GRID_TASKS)
-  rows = [run_one(_CONFIG.value, FLAGS.out, task, int(size))
+  rows = [run_one(config.value, FLAGS.out, task, int(size))
           for task in tasks for size in FLAGS.sizes]
   os.makedirs(FLAGS.out, exist_ok=True)
   with open(os.path.join(FLAGS.out, "quality.json"), "w") as f:
@@ -75,4 +81,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _config = _define_flags()
+  app.run(lambda argv: main(argv, _config))

@@ -280,3 +280,17 @@ def test_a_shard_is_on_disk_before_it_gets_its_final_name(tmp_path, monkeypatch)
   w.commit()
   tmp_name = os.path.basename(w.tmp_path)
   assert events.index(("fsync", tmp_name)) < events.index(("replace", tmp_name))
+
+
+def test_peak_rss_of_a_spawned_reader_is_its_own_not_its_parents():
+  """A process spawned by a large parent reports its own peak memory (VmHWM), not the
+  parent's that getrusage carries across exec."""
+  import multiprocessing
+  import concurrent.futures
+  ballast = np.ones(600 << 20, np.uint8)   # 600 MiB resident in this process
+  spawn = multiprocessing.get_context("spawn")
+  with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
+    child = pool.submit(data_lib.peak_rss_bytes).result()
+  assert ballast.sum() > 0
+  assert data_lib.peak_rss_bytes() > 600 << 20
+  assert child < 300 << 20, child / 2 ** 20
