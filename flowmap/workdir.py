@@ -21,6 +21,7 @@ import json
 import os
 from typing import Optional
 
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -82,10 +83,10 @@ class RunSpec:
     if self.model_cfg.linear_prior:
       prior = self.normalizers["target"].encode(self.linear(_float(source)))
       out["prior"] = prior.astype(np.float32) if isinstance(prior, np.ndarray) else prior
-      out["prior_std"] = (np.broadcast_to(self.prior_std, (len(prior), 1, len(self.prior_std)))
-                          if isinstance(prior, np.ndarray) else
-                          _jnp().broadcast_to(_jnp().asarray(self.prior_std),
-                                           (prior.shape[0], 1, len(self.prior_std))))
+      std = self.prior_std
+      shape = (prior.shape[0], 1, len(std))
+      out["prior_std"] = (np.broadcast_to(std, shape) if isinstance(prior, np.ndarray) else
+                          jnp.broadcast_to(jnp.asarray(std), shape))
     if isinstance(out["source"], np.ndarray):
       out["source"] = out["source"].astype(np.float32)
     return out
@@ -107,11 +108,6 @@ class RunSpec:
             "model": {k: getattr(self.model_cfg, k) for k in MODEL_KEYS},
             "source_normalizer": self.normalizers["source"].to_json(),
             "target_normalizer": self.normalizers["target"].to_json()}
-
-
-def _jnp():
-  import jax.numpy as jnp
-  return jnp
 
 
 def _float(x):
