@@ -97,7 +97,9 @@ def get_config():
   c.eval.num_samples = 4        # samples per image for the energy score in --mode eval
   c.eval.batch_size = 128
   c.eval.baseline_rows = 2048   # training rows (spread over the split) that the linear map
-                                # and the baseline ladder are fitted on (cached)
+                                # and the baseline ladder are fitted on (cached) ...
+  c.eval.baseline_mb = 512.0    # ... at most this many MiB of them in their stored dtype
+                                # (256 x 1024 on both sides in float16: 512 rows)
   c.eval.baselines = ("procrustes", "mlp")   # rungs fitted next to the mean and the ridge
   c.eval.sweep_solvers = ("euler", "heun")                 # --mode eval sweeps these
   c.eval.sweep_evaluations = (1, 2, 4, 8, 16, 32, 50)      # model evaluations per sample

@@ -43,7 +43,8 @@ CACHE_FILE = "baseline.json"
 
 # ----------------------------------------------------------------------------- the rungs
 
-FIT_CHUNK_ROWS = 256       # rows cast to float64 at a time while accumulating statistics
+FIT_CHUNK_ROWS = 256       # rows cast to float64 at a time while accumulating statistics,
+FIT_CHUNK_TOKENS = 16384   # and no more target tokens than this (64 rows of 256 tokens)
 MLP_HIDDEN = 128
 MLP_WINDOW = 3             # the MLP reads a 3 x 3 neighbourhood of resampled source tokens
 MLP_STEPS = 2000
@@ -51,12 +52,19 @@ MLP_BATCH_TOKENS = 512     # target tokens per step: rows per batch = this / tar
 MLP_LEARNING_RATE = 3e-3
 MLP_EVAL_EVERY = 100       # steps between held-out checks (early stopping keeps the best)
 MLP_HELD_TOKENS = 16384    # target tokens of held-out rows per check: checks cost ~1/10
+MLP_CHUNK_TOKENS = 4096    # target tokens whose inputs are built at once outside training
+                           # (256 x 1024 tokens: 9 x 1024 + 1024 inputs each, 170 MB)
 LADDER = ("mean", "ridge", "procrustes", "mlp")
 
 
 def _chunks(rows: int, size: int = FIT_CHUNK_ROWS):
   for start in range(0, rows, size):
     yield slice(start, min(start + size, rows))
+
+
+def _stat_chunks(rows: int, tokens: int):
+  """Chunks of rows for float64 statistics: FIT_CHUNK_ROWS, or fewer at large token counts."""
+  return _chunks(rows, max(1, min(FIT_CHUNK_ROWS, FIT_CHUNK_TOKENS // tokens)))
 
 
 @dataclasses.dataclass
@@ -87,7 +95,7 @@ def fit_procrustes(source: np.ndarray, target: np.ndarray) -> Procrustes | None:
   sums = {"source": np.zeros(dim), "target": np.zeros(dim)}
   squares = {"source": np.zeros(dim), "target": np.zeros(dim)}
   cross, count = np.zeros((dim, dim)), 0
-  for part in _chunks(len(source)):
+  for part in _stat_chunks(len(source), target.shape[1]):
     x = np.einsum("ts,nsd->ntd", resample, np.asarray(source[part], np.float64))
     x = x.reshape(-1, dim)
     y = np.asarray(target[part], np.float64).reshape(-1, dim)
@@ -143,10 +151,11 @@ def _mlp_apply(params: dict, x):
 
 def _mlp_error(params, inputs, source, target, window):
   """Mean squared error in the standardised target space; ``inputs`` = (resample, input mean,
-  input std)."""
-  resample, input_mean, input_std = inputs
-  x = (_mlp_inputs(source, resample, window) - input_mean) / input_std
-  return jnp.mean((_mlp_apply(params, x) - target) ** 2)
+  input std, target mean, target std); source and target rows raw, in their stored dtype."""
+  resample, input_mean, input_std, target_mean, target_std = inputs
+  x = (_mlp_inputs(source.astype(jnp.float32), resample, window) - input_mean) / input_std
+  y = (target.astype(jnp.float32) - target_mean) / target_std
+  return jnp.mean((_mlp_apply(params, x) - y) ** 2)
 
 
 _mlp_held_error = jax.jit(_mlp_error, static_argnames="window")
@@ -158,17 +167,19 @@ def _mlp_optimizer(steps: int, learning_rate: float):
 
 
 @functools.partial(jax.jit, static_argnames=("window", "steps", "learning_rate"))
-def _mlp_train(params, opt_state, inputs, source, target, order, window, steps, learning_rate):
-  """The steps of one chunk of ``order`` [chunk steps, batch rows] (row indices), scanned."""
+def _mlp_train(params, opt_state, inputs, source, target, window, steps, learning_rate):
+  """The steps of one chunk, scanned: ``source`` and ``target`` [chunk steps, batch rows,
+  tokens, dim], each step's rows gathered on the host (the training rows never go to the
+  device whole)."""
   optimizer = _mlp_optimizer(steps, learning_rate)
 
   def step(carry, rows):
     params, opt_state = carry
-    grads = jax.grad(_mlp_error)(params, inputs, source[rows], target[rows], window)
+    grads = jax.grad(_mlp_error)(params, inputs, *rows, window)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return (optax.apply_updates(params, updates), opt_state), None
 
-  return jax.lax.scan(step, (params, opt_state), order)[0]
+  return jax.lax.scan(step, (params, opt_state), (source, target))[0]
 
 
 @functools.partial(jax.jit, static_argnames="window")
@@ -202,7 +213,8 @@ class MLPRegressor:
   window: int
   steps: int                  # the training step whose held-out error was lowest (kept)
 
-  def predict(self, source: np.ndarray, batch_rows: int = FIT_CHUNK_ROWS) -> np.ndarray:
+  def predict(self, source: np.ndarray, batch_rows: int = 0) -> np.ndarray:
+    batch_rows = batch_rows or max(1, MLP_CHUNK_TOKENS // self.resample.shape[0])
     inputs = (self.resample.astype(np.float32), self.input_mean, self.input_std)
     out = [np.asarray(_mlp_predict(self.params, inputs,
                                    np.asarray(source[part], np.float32), self.window))
@@ -227,19 +239,23 @@ def fit_mlp(source: np.ndarray, target: np.ndarray, seed: int = 0, hidden: int =
   if not len(held_rows):
     raise ValueError(f"the MLP baseline needs at least {HOLDOUT_EVERY} training rows")
   total, squares = 0.0, 0.0
-  for part in _chunks(len(fit_rows)):
+  chunk_rows = max(1, MLP_CHUNK_TOKENS // tokens)
+  for part in _chunks(len(fit_rows), chunk_rows):
     sums = _mlp_input_sums(np.asarray(source[fit_rows[part]], np.float32), resample, window)
     total = total + np.asarray(sums[0], np.float64)
     squares = squares + np.asarray(sums[1], np.float64)
   count = len(fit_rows) * tokens
   input_mean = total / count
   input_std = np.sqrt(np.maximum(squares / count - input_mean ** 2, 1e-12))
-  inputs = (resample, input_mean.astype(np.float32), input_std.astype(np.float32))
-  target = np.asarray(target, np.float64)
-  target_mean = target[fit_rows].mean(0)
-  target_std = np.maximum((target[fit_rows] - target_mean).reshape(-1, dim).std(0), 1e-12)
-  source_device = jnp.asarray(source, jnp.float32)
-  target_device = jnp.asarray(((target - target_mean) / target_std).astype(np.float32))
+  # The target's statistics in chunks, and the rows in their stored dtype (normalised inside
+  # the step): no float32 or float64 copy of the training rows.
+  target_mean = sum(target[fit_rows[part]].sum(0, dtype=np.float64)
+                    for part in _stat_chunks(len(fit_rows), tokens)) / len(fit_rows)
+  spread = sum(np.square(target[fit_rows[part]] - target_mean).sum((0, 1))
+               for part in _stat_chunks(len(fit_rows), tokens)) / count
+  target_std = np.maximum(np.sqrt(spread), 1e-12)
+  inputs = (resample, input_mean.astype(np.float32), input_std.astype(np.float32),
+            target_mean.astype(np.float32), target_std.astype(np.float32))
   params = _mlp_init(jax.random.PRNGKey(seed), len(input_mean), tokens, hidden, dim)
   opt_state = _mlp_optimizer(steps, learning_rate).init(params)
   batch_rows = max(1, batch_tokens // tokens)
@@ -248,16 +264,18 @@ def fit_mlp(source: np.ndarray, target: np.ndarray, seed: int = 0, hidden: int =
   order = np.concatenate([rng.permutation(fit_rows) for _ in range(epochs)])
   order = order[:steps * batch_rows].reshape(steps, batch_rows)
   held_rows = held_rows[:max(1, MLP_HELD_TOKENS // tokens)]
-  held = (source_device[held_rows], target_device[held_rows])
+  held = [(jnp.asarray(source[held_rows[part]]), jnp.asarray(target[held_rows[part]]))
+          for part in _chunks(len(held_rows), chunk_rows)]
   best, best_params, best_step = np.inf, params, 0
   for start in range(0, steps, MLP_EVAL_EVERY):
     chunk = order[start:start + MLP_EVAL_EVERY]
-    params, opt_state = _mlp_train(params, opt_state, inputs, source_device, target_device,
-                                   chunk, window, steps, learning_rate)
-    error = float(_mlp_held_error(params, inputs, *held, window))
+    params, opt_state = _mlp_train(params, opt_state, inputs, source[chunk], target[chunk],
+                                   window, steps, learning_rate)
+    error = sum(float(_mlp_held_error(params, inputs, *rows, window)) * len(rows[0])
+                for rows in held) / len(held_rows)
     if error < best:
       best, best_params, best_step = error, params, start + len(chunk)
-  return MLPRegressor(resample, *inputs[1:], target_mean, target_std,
+  return MLPRegressor(resample, *inputs[1:3], target_mean, target_std,
                       jax.tree.map(np.asarray, best_params), window, best_step)
 
 
@@ -287,7 +305,7 @@ def fit_ladder(source: np.ndarray, target: np.ndarray, ridge: linear_lib.LinearM
                mlp_steps: int = MLP_STEPS) -> Ladder:
   """Fits the rungs named in ``rungs`` on raw training rows [rows, tokens, dim] (any float
   dtype) next to an already fitted linear map."""
-  return Ladder(np.asarray(target, np.float64).mean(0), ridge,
+  return Ladder(target.mean(0, dtype=np.float64), ridge,
                 fit_procrustes(source, target) if "procrustes" in rungs else None,
                 fit_mlp(source, target, seed=seed, steps=mlp_steps) if "mlp" in rungs
                 else None)
@@ -335,10 +353,15 @@ def run_baselines(config, data_dir: str, workdir: str, ridge: linear_lib.LinearM
   except (OSError, ValueError, KeyError):
     pass
   names = [config.data.source, config.data.target]
-  batches = list(data_lib.iterate_split(data_dir, training_split, names))
-  source = np.concatenate([b[names[0]] for b in batches])
-  target = np.concatenate([b[names[1]] for b in batches])
-  ladder = fit_ladder(source, target, ridge, seed=config.seed, rungs=config.eval.baselines)
+  if set(config.eval.baselines) & {"procrustes", "mlp"}:
+    rows_read = data_lib.read_rows(data_dir, training_split, names)
+    ladder = fit_ladder(rows_read[names[0]], rows_read[names[1]], ridge, seed=config.seed,
+                        rungs=config.eval.baselines)
+    del rows_read
+  else:   # the mean target alone: one streamed pass
+    total = sum(b[names[1]].sum(0, dtype=np.float64)
+                for b in data_lib.iterate_split(data_dir, training_split, names[1:]))
+    ladder = Ladder(total / rows, ridge, None, None)
   metrics = ladder_metrics(ladder, source_raw, target_raw, directions)
   if jax.process_index() == 0:
     write_json_atomic(path, {"key": key, "ridge_kind": ridge.kind, "ridge_alpha": ridge.alpha,

@@ -77,6 +77,8 @@ def validate(config, sizes, remat_policies, attentions) -> None:
   if c.eval.num_samples < 2:
     problems.append(f"eval.num_samples must be >= 2 (the energy score compares samples), "
                     f"got {c.eval.num_samples}")
+  if c.eval.baseline_mb <= 0:
+    problems.append(f"eval.baseline_mb must be positive, got {c.eval.baseline_mb}")
   if c.eval.batch_size <= 0:
     problems.append(f"eval.batch_size must be positive, got {c.eval.batch_size}")
   if not 0.0 <= c.flow.mean_fraction < 1.0:

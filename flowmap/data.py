@@ -426,8 +426,7 @@ class _Rows:
     self.names = list(names)
     self.shapes = {n: feature_shape(stats, n) for n in self.names}
     self.dtypes = {n: stats["features"][n].get("dtype", "float16") for n in self.names}
-    self.row_bytes = sum(int(np.prod(self.shapes[n])) * _itemsize(self.dtypes[n])
-                         for n in self.names)
+    self.row_bytes = row_bytes(stats, self.names)
     self.split_rows = info.num_examples if limit <= 0 else min(limit, info.num_examples)
     self.count = self.split_rows // process_count   # every process the same (tfds' even split)
     first = process_index * self.count
@@ -469,7 +468,13 @@ class _Rows:
 
 
 def _itemsize(dtype: str) -> int:
-  return tensorflow().as_dtype(dtype).size
+  return np.dtype({"bfloat16": "uint16"}.get(dtype, dtype)).itemsize
+
+
+def row_bytes(stats: dict, names: Sequence[str]) -> int:
+  """Bytes one row of these features takes in the stored dtype."""
+  return sum(int(np.prod(feature_shape(stats, n)))
+             * _itemsize(stats["features"][n].get("dtype", "float16")) for n in names)
 
 
 class _Shuffle:
@@ -610,9 +615,10 @@ def _epoch_seed(seed: int, epoch: int) -> int:
   return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
 
 
-def _read_rows(data_dir: str, split: str, names: Sequence[str], rows: int) -> dict:
-  """The first ``rows`` rows of a split, name -> [rows, tokens, dim] in the stored dtype,
-  filled in place (no float32 copy, no list of rows)."""
+def read_rows(data_dir: str, split: str, names: Sequence[str], rows: int = 0) -> dict:
+  """The first ``rows`` rows (all when 0) of a split or split string, name -> [rows, tokens,
+  dim] in the stored dtype, filled in place (no float32 copy, no list of batches)."""
+  rows = rows or split_info(data_dir, split).num_examples
   out = None
   at = 0
   for batch in iterate_numpy(make_dataset(data_dir, split, names, 256, shuffle=False,
@@ -653,7 +659,7 @@ def train_batches(data_dir: str, split: str, names: Sequence[str], global_batch:
     raise DataError(f"the {split!r} split has {rows.split_rows} rows, fewer than one batch "
                     f"of {global_batch}")
   if rows.split_rows * rows.row_bytes <= in_memory_bytes:
-    return _in_memory_batches(_read_rows(data_dir, split, names, rows.split_rows),
+    return _in_memory_batches(read_rows(data_dir, split, names, rows.split_rows),
                               rows.split_rows, global_batch, seed, start_step,
                               process_index, local)
   return iterate_numpy(make_dataset(

@@ -9,8 +9,9 @@ knows this module by two names only: ``make_evaluator`` and ``Evaluator.run``.
 
 from __future__ import annotations
 
+import functools
 import os
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import jax
 import numpy as np
@@ -34,11 +35,14 @@ class Evaluator:
   them into the model's space and its outputs back. Each batch is padded to the
   (device-divisible) batch size, split between processes, sampled on the mesh and gathered
   back, so every process computes the same figures. ``baseline`` (the ``baseline/...``
-  figures of the same rows) is reported next to every evaluation.
+  figures of the same rows, or a function that computes them, called at the first
+  evaluation, so that fitting the ladder does not hold back the first training step) is
+  reported next to every evaluation.
   """
 
   def __init__(self, graphdef, mesh, spec, source_raw: np.ndarray, target_raw: np.ndarray,
-               batch_size: int, seed: int, baseline: Optional[dict] = None,
+               batch_size: int, seed: int,
+               baseline: Optional[Union[dict, Callable[[], dict]]] = None,
                mean_draws: int = 4, objective: str = "flow", directions=None):
     self.graphdef, self.mesh, self.spec = graphdef, mesh, spec
     self.directions = directions
@@ -50,10 +54,16 @@ class Evaluator:
     self.seed = seed
     self.mean_draws = mean_draws
     self.objective = objective
-    self.baseline = dict(baseline or {})
+    self._baseline = baseline if callable(baseline) else dict(baseline or {})
     self.target_shape = self.target_raw.shape[1:]
     self._samplers = {}
     self._velocity_cosines = sampling.make_velocity_cosines(graphdef, objective)
+
+  @property
+  def baseline(self) -> dict:
+    if callable(self._baseline):
+      self._baseline = dict(self._baseline())
+    return self._baseline
 
   @property
   def num_images(self) -> int:
@@ -210,9 +220,10 @@ def make_evaluator(config, workdir: str, data_dir: str, spec, graphdef, mesh) ->
   if ridge is None:
     ridge = workdir_lib.fit_linear_map(config, data_dir, workdir)
   directions = _spread_directions(data_dir)
-  baseline = baselines_lib.run_baselines(
-      config, data_dir, workdir, ridge, workdir_lib.linear_split(config, data_dir), source,
-      target, split, directions=directions)
+  baseline = functools.partial(
+      baselines_lib.run_baselines, config, data_dir, workdir, ridge,
+      workdir_lib.linear_split(config, data_dir), source, target, split,
+      directions=directions)
   return Evaluator(graphdef, mesh, spec, source, target, config.eval.batch_size,
                    seed=config.seed + 1_000_003, baseline=baseline,
                    mean_draws=config.eval.mean_draws, objective=config.flow.objective,

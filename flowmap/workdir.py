@@ -319,8 +319,14 @@ def spread_rows(data_dir: str, split: str, rows: int, seed: int) -> str:
 
 def linear_split(config, data_dir: str) -> str:
   """The training rows the linear map (and the baseline ladder) are fitted on:
-  ``eval.baseline_rows`` of them spread over the split, or the overfitting subset."""
+  ``eval.baseline_rows`` of them spread over the split, or the overfitting subset; no more
+  than ``eval.baseline_mb`` of them in their stored dtype (at least 64 rows), which bounds
+  the fit's memory and time at patch-token shapes (256 x 1024 on both sides: 1 MiB a row)."""
   rows = int(config.eval.baseline_rows)
+  per_row = data_lib.row_bytes(data_lib.load_stats(data_dir),
+                               (config.data.source, config.data.target))
+  budget = max(64, int(config.eval.baseline_mb * 2 ** 20) // max(per_row, 1))
+  rows = min(rows, budget) if rows > 0 else budget
   if config.data.overfit_size:
     rows = min(rows, config.data.overfit_size) if rows > 0 else config.data.overfit_size
     return f"train[:{rows}]"

@@ -4,6 +4,7 @@ that do not depend on batching, --mode eval end to end, and the training-time mo
 import glob
 import json
 import os
+import shutil
 
 import diffrax
 import jax
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import run_main
-from flowmap import baselines, evaluate, flow, metrics, plots, sampling, workdir
+from flowmap import baselines, data, evaluate, flow, metrics, plots, sampling, workdir
 from flowmap.config import ConfigError
 
 SWEEP = (1, 2, 4, 8, 16, 32, 50)
@@ -272,6 +273,29 @@ def test_baseline_is_cached_per_run(small_run):
                                  workdir.linear_split(config, data_dir), source, target,
                                  split) == record["metrics"]
   assert os.path.getmtime(path) == before   # read from the cache, not refitted
+
+
+def test_the_ladder_is_fitted_at_the_first_evaluation_not_before_training(small_run, tmp_path):
+  # Fitting the MLP rung takes minutes at patch-token shapes; the first step must not wait.
+  config, run_dir = small_run["config"], str(tmp_path / "run")
+  shutil.copytree(small_run["workdir"], run_dir)
+  os.remove(os.path.join(run_dir, "baseline.json"))
+  spec, data_dir, graphdef, mesh, _ = evaluate.restore(config, run_dir)
+  evaluator = evaluate.make_evaluator(config, run_dir, data_dir, spec, graphdef, mesh)
+  assert not os.path.exists(os.path.join(run_dir, "baseline.json"))
+  assert evaluator.baseline == baselines.read_baseline(small_run["workdir"])["metrics"]
+  assert os.path.exists(os.path.join(run_dir, "baseline.json"))
+
+
+def test_the_fitted_rows_are_capped_in_bytes(small_run):
+  config = small_run["config"].copy_and_resolve_references()
+  data_dir = small_run["data_dir"]
+  per_row = data.row_bytes(data.load_stats(data_dir), (config.data.source, config.data.target))
+  config.eval.baseline_mb = 100 * per_row / 2 ** 20   # room for 100 rows, fewer than asked
+  split = workdir.linear_split(config, data_dir)
+  assert data.split_info(data_dir, split).num_examples == 100
+  config.eval.baseline_mb = 1e-9                        # never fewer than 64
+  assert data.split_info(data_dir, workdir.linear_split(config, data_dir)).num_examples == 64
 
 
 # ----------------------------------------------------------------------------- monitoring
