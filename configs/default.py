@@ -81,6 +81,10 @@ def get_config():
   c.train.eval_every = 5000
   c.train.checkpoint_every = 5000
   c.train.keep_checkpoints = 3
+  c.train.select_rows = 0       # > 0: hold this many training rows out of training (the last
+                                # share of every shard) and keep, in <workdir>/selected/, the
+                                # EMA weights whose mean scores the lowest MSE on them, from
+                                # step 0 (the linear map itself) on; for small data
   c.train.grad_accum = 1
   c.train.skip_nonfinite = False   # True: skip non-finite updates instead of stopping
   c.train.max_nonfinite_in_a_row = 10

@@ -8,7 +8,8 @@ def get_config():
   c = demo.get_config()
   c.data.dir = "<written by flowmap.quality>"
   c.train.steps = 1000
-  c.train.eval_every = 1000
+  c.train.eval_every = 100      # each evaluation also scores the selection rows
   c.train.checkpoint_every = 500
+  c.train.select_rows = 200     # a tenth of 2,000 rows held out to choose the step by
   c.eval.num_images = 512
   return c

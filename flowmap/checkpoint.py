@@ -34,6 +34,7 @@ RESTORED, DAMAGED, FAILED = 0, 1, 2
 # Storage-layer status codes that mean "a file is not there, or shorter than it should be".
 DAMAGE_CODES = ("NOT_FOUND", "OUT_OF_RANGE", "DATA_LOSS")
 REQUIRED_FILES = ("_CHECKPOINT_METADATA", os.path.join("default", "_METADATA"))
+SELECTED_DIR = "selected"   # train.select_rows: the kept EMA weights, one step
 
 
 @dataclasses.dataclass
@@ -46,11 +47,13 @@ class Weights:
 
 
 class Checkpointer:
-  def __init__(self, workdir: str, keep: int = 3, read_only: bool = False):
-    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+  def __init__(self, workdir: str, keep: int = 3, read_only: bool = False,
+               subdir: str = "checkpoints", asynchronous: bool = True):
+    self.directory = os.path.abspath(os.path.join(workdir, subdir))
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
                                            read_only=read_only,
-                                           enable_async_checkpointing=not read_only)
+                                           enable_async_checkpointing=asynchronous
+                                           and not read_only)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def all_steps(self) -> list[int]:
@@ -182,3 +185,16 @@ def agree(outcome: int) -> int:
 def _first_line(error: BaseException) -> str:
   text = str(error).strip()
   return f"{type(error).__name__}: {text.splitlines()[0][:300]}" if text else type(error).__name__
+
+
+def restore_selected(workdir: str, abstract_ema) -> Weights:
+  """The EMA weights ``train.select_rows`` kept (``abstract_ema``: their shapes, placed)."""
+  if not os.path.isdir(os.path.join(workdir, SELECTED_DIR)):
+    raise ConfigError(f"{workdir} has no selected weights: train with train.select_rows > 0")
+  loader = Checkpointer(workdir, read_only=True, subdir=SELECTED_DIR)
+  try:
+    if loader.latest_step() is None:
+      raise ConfigError(f"{workdir} has no selected weights: train with train.select_rows > 0")
+    return loader.restore_weights({"ema": abstract_ema})
+  finally:
+    loader.close()

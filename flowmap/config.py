@@ -77,6 +77,11 @@ def validate(config, sizes, remat_policies, attentions) -> None:
   if c.eval.num_samples < 2:
     problems.append(f"eval.num_samples must be >= 2 (the energy score compares samples), "
                     f"got {c.eval.num_samples}")
+  if c.train.select_rows < 0:
+    problems.append(f"train.select_rows must be >= 0, got {c.train.select_rows}")
+  elif c.train.select_rows and c.data.overfit_size:
+    problems.append("train.select_rows holds training rows out; it does not combine with "
+                    "data.overfit_size")
   if c.eval.baseline_mb <= 0:
     problems.append(f"eval.baseline_mb must be positive, got {c.eval.baseline_mb}")
   if c.eval.batch_size <= 0:

@@ -25,6 +25,7 @@ from flowmap import sampling
 from flowmap import sharding
 from flowmap import workdir as workdir_lib
 from flowmap.config import ConfigError
+from flowmap.fileio import write_json_atomic
 from flowmap.metrics import Metrics
 
 
@@ -228,6 +229,63 @@ def make_evaluator(config, workdir: str, data_dir: str, spec, graphdef, mesh) ->
                    seed=config.seed + 1_000_003, baseline=baseline,
                    mean_draws=config.eval.mean_draws, objective=config.flow.objective,
                    directions=directions)
+
+
+class Selector:
+  """``train.select_rows``: the mean mode's MSE (raw target space) on the training rows held
+  out of training, at step 0, where the untrained model is the linear map (with
+  ``model.linear_prior``), and at every evaluation; the EMA weights of the lowest so far are
+  kept in ``<workdir>/selected/`` and the scores in ``selection.json``. The selected model is
+  therefore never worse than the linear map on those rows. (The linear map itself was fitted
+  on rows spread over the whole training split, these included, which favours step 0.)"""
+
+  def __init__(self, config, workdir: str, data_dir: str, spec, graphdef, mesh,
+               select_split: str):
+    names = [config.data.source, config.data.target]
+    rows = data_lib.read_rows(data_dir, select_split, names)
+    self.evaluator = Evaluator(graphdef, mesh, spec, rows[names[0]], rows[names[1]],
+                               config.eval.batch_size, seed=config.seed + 2_000_003,
+                               mean_draws=config.eval.mean_draws,
+                               objective=config.flow.objective)
+    self.workdir = workdir
+    self.record = workdir_lib.read_selection(workdir) or {
+        "rows": self.evaluator.num_images, "history": [], "step": None, "mse": None}
+
+  def update(self, step: int, weights: dict) -> dict:
+    """Scores ``weights`` at ``step`` (once: a resumed run keeps the scores it has), keeps
+    them if they are the best so far; the ``select/*`` figures."""
+    scored = {int(s): m for s, m in self.record["history"]}
+    if step not in scored:
+      mse = self.evaluator.evaluate(weights["ema"], "euler", 1, 1.0, "mean")["mse"]
+      self.record["history"].append([int(step), float(mse)])
+      if self.record["mse"] is None or mse < self.record["mse"]:
+        saver = checkpoint_lib.Checkpointer(self.workdir, keep=1,
+                                            subdir=checkpoint_lib.SELECTED_DIR,
+                                            asynchronous=False)
+        try:
+          saver.save(int(step), {"ema": weights["ema"]}, force=True)
+        finally:
+          saver.close()
+        self.record["step"], self.record["mse"] = int(step), float(mse)
+      if jax.process_index() == 0:
+        write_json_atomic(os.path.join(self.workdir, workdir_lib.SELECTION_FILE),
+                          self.record)
+      scored[step] = mse
+    return {"select/mean_mse": float(scored[step]), "select/step": int(self.record["step"])}
+
+  def selected(self, abstract_ema) -> checkpoint_lib.Weights:
+    return checkpoint_lib.restore_selected(self.workdir, abstract_ema)
+
+  def report(self, config, evaluator: "Evaluator", abstract_ema) -> dict:
+    """The selected weights on the evaluation rows, in both modes: ``eval/selected/*``."""
+    weights = self.selected(abstract_ema)
+    c = config.eval
+    out = {"select/step": weights.step}
+    for mode in sampling.MODES:
+      for k, v in evaluator.evaluate(weights.ema, c.solver, c.steps, c.guidance,
+                                     mode).items():
+        out[f"eval/selected/{mode}/{k}"] = v
+    return out
 
 
 def _spread_directions(data_dir: str):

@@ -54,10 +54,11 @@ class Mapper:
 
   @classmethod
   def from_workdir(cls, workdir: str, step: Optional[int] = None, ema: bool = True,
-                   devices=None) -> "Mapper":
+                   devices=None, selected: bool = False) -> "Mapper":
     """The run in ``workdir`` at checkpoint ``step`` (default: newest), with its EMA weights
     (``ema=False``: the raw training weights), replicated over ``devices`` (default: this
-    process's devices), batches split between them."""
+    process's devices), batches split between them. ``selected=True``: the EMA weights that
+    ``train.select_rows`` kept (the best mean on the held-out training rows)."""
     config = workdir_lib.read_config(workdir)
     spec = workdir_lib.read_spec(workdir, config)
     mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": 1}),
@@ -67,11 +68,16 @@ class Mapper:
     replicated = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.replicated(mesh)),
         shapes)
-    checkpointer = checkpoint_lib.Checkpointer(workdir, read_only=True)
-    try:
-      weights = checkpointer.restore_weights({which: replicated}, step)
-    finally:
-      checkpointer.close()
+    if selected:
+      if step is not None or not ema:
+        raise ValueError("selected=True loads the kept EMA weights: leave step and ema alone")
+      weights = checkpoint_lib.restore_selected(workdir, replicated)
+    else:
+      checkpointer = checkpoint_lib.Checkpointer(workdir, read_only=True)
+      try:
+        weights = checkpointer.restore_weights({which: replicated}, step)
+      finally:
+        checkpointer.close()
     return cls(graphdef, getattr(weights, which), config, spec, mesh, weights.step, ema,
                workdir)
 

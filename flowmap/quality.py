@@ -3,7 +3,8 @@
 For every synthetic grid task (equal grids, a finer and a coarser source grid, patch tokens to
 a pooled embedding, pooled to pooled; flowmap/synthetic.py) and every training-set size, it
 writes the dataset, trains ``--config`` on it (resumably: run it again to finish), and
-prints one markdown table: flowmap's mean mode (the fair pointwise comparison) against the
+prints one markdown table: flowmap's mean mode (the fair pointwise comparison), at the last
+step and at the step chosen on held-out training rows (``train.select_rows``), against the
 ridge map, the MLP and the mean target on ``cosine_token``, ``mse`` and ``recall_at_1``, with
 the sample mode beside it. Every figure is on 512 held-out images of the task.
 
@@ -25,7 +26,8 @@ sys.path.insert(0, HERE)   # config files import `configs.default`
 FLAGS = flags.FLAGS
 
 FIGURES = ("cosine_token", "mse", "recall_at_1")
-COLUMNS = (("flowmap mean", "eval/mean/"), ("ridge", "baseline/ridge_"),
+COLUMNS = (("flowmap mean", "eval/mean/"), ("flowmap selected mean", "eval/selected/mean/"),
+           ("ridge", "baseline/ridge_"),
            ("mlp", "baseline/mlp_"), ("mean target", "baseline/mean_"),
            ("flowmap sample", "eval/sample/"))
 
@@ -40,14 +42,16 @@ def run_one(config, out: str, task: str, size: int) -> dict:
   results = train.train_and_evaluate(c, os.path.join(out, "runs", f"{task}-{size}"))
   return {"task": task, "rows": size,
           **{prefix + k: results[prefix + k] for _, prefix in COLUMNS for k in FIGURES
-             if prefix + k in results}}
+             if prefix + k in results},
+          **({"select/step": results["select/step"]} if "select/step" in results else {})}
 
 
 def table(rows: list[dict]) -> str:
-  head = ["task", "train rows"] + [f"{name} {k}" for k in FIGURES for name, _ in COLUMNS]
+  head = ["task", "train rows", "selected step"] + [f"{name} {k}" for k in FIGURES
+                                                   for name, _ in COLUMNS]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in rows:
-    cells = [r["task"], f"{r['rows']:,}"]
+    cells = [r["task"], f"{r['rows']:,}", str(r.get("select/step", "-"))]
     for k in FIGURES:
       for name, prefix in COLUMNS:
         v = r.get(prefix + k)

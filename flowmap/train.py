@@ -390,8 +390,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   # -- input: this process's rows of every global batch, resumed at `start`; process p
   # holds the p-th block of rows (sharding.make_mesh orders the devices by process)
+  train_split, selector = "train", None
+  if c.train.select_rows:
+    train_split, select_split = workdir_lib.selection_splits(run.data_dir, c.train.select_rows)
   batches = data_lib.train_batches(
-      run.data_dir, "train", [c.data.source, c.data.target], c.train.batch_size,
+      run.data_dir, train_split, [c.data.source, c.data.target], c.train.batch_size,
       seed=c.seed, limit=c.data.overfit_size, start_step=start,
       process_index=jax.process_index(), process_count=jax.process_count(),
       in_memory_bytes=int(c.data.in_memory_gb * 2 ** 30),
@@ -406,6 +409,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     donate_argnums=(0,))
   evaluator = evaluate_lib.make_evaluator(c, workdir, run.data_dir, run.spec, run.graphdef,
                                           mesh)
+  if c.train.select_rows:
+    selector = evaluate_lib.Selector(c, workdir, run.data_dir, run.spec, run.graphdef, mesh,
+                                     select_split)
+    if start == 0:
+      selector.update(0, state)   # the untrained model: the linear map
   writer = MetricWriter(workdir, c, enabled=run.is_main)
   schedule = learning_rate(c)
 
@@ -468,6 +476,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       if done % c.train.eval_every == 0 or done == c.train.steps:
         flush()
         last_eval = evaluator.run(c, workdir, state, done)
+        if selector is not None:
+          last_eval.update(selector.update(done, state))
         writer.write(done, last_eval)
         if run.is_main:
           bar.write(f"step {done}: {plots.summary(last_eval, c.eval.mode)}")
@@ -483,6 +493,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
                         f"{done} saved in {run.checkpointer.directory}; run the same command "
                         "again to resume")
     flush()
+    if selector is not None and last_eval:
+      selected = selector.report(c, evaluator, run.abstract_state["ema"])
+      last_eval.update(selected)
+      writer.write(c.train.steps, selected)
+      if run.is_main:
+        bar.write(f"selected (step {selected['select/step']}): " + " | ".join(
+            f"{mode}: " + " ".join(f"{k}={selected[f'eval/selected/{mode}/{k}']:.4f}"
+                                   for k in ("cosine_token", "mse"))
+            for mode in ("sample", "mean")))
   finally:
     preemption.close()
     bar.close()

@@ -35,6 +35,8 @@ from flowmap.fileio import read_json, write_json_atomic
 CONFIG_FILE = "config.json"
 SPEC_FILE = "normalization.json"
 LINEAR_FILE = "linear_map.npz"
+SELECTION_FILE = "selection.json"   # train.select_rows: every step's score, the chosen one
+                                    # (its EMA weights: checkpoint.SELECTED_DIR)
 # The model settings that give the weights their shapes and meaning: a checkpoint serves only
 # a config that resolves to the same values (a named size and explicit dims may say it
 # differently).
@@ -315,6 +317,33 @@ def spread_rows(data_dir: str, split: str, rows: int, seed: int) -> str:
       parts.append(f"{split}[{offset}:{offset + take}]")
     start += n
   return "+".join(parts)
+
+
+def selection_splits(data_dir: str, rows: int) -> tuple[str, str]:
+  """(training split, selection split) for ``train.select_rows``: the last share of every
+  shard (proportional to its length) is held out, so the selection rows come from every
+  shard (extraction writes one shard per input tar, often one source of images)."""
+  info = data_lib.split_info(data_dir, "train")
+  lengths = list(info.shard_lengths) or [info.num_examples]
+  total = sum(lengths)
+  if not 0 < rows < total:
+    raise ConfigError(f"train.select_rows={rows} must be below the {total} training rows")
+  kept, held, start, left = [], [], 0, rows
+  for i, n in enumerate(lengths):
+    take = min(n, left if i == len(lengths) - 1 else int(round(rows * n / total)))
+    left -= take
+    if take < n:
+      kept.append(f"train[{start}:{start + n - take}]")
+    if take:
+      held.append(f"train[{start + n - take}:{start + n}]")
+    start += n
+  return "+".join(kept), "+".join(held)
+
+
+def read_selection(workdir: str) -> Optional[dict]:
+  """``selection.json``: {"rows", "history": [[step, mse], ...], "step", "mse"} or None."""
+  path = os.path.join(workdir, SELECTION_FILE)
+  return read_json(path) if os.path.exists(path) else None
 
 
 def linear_split(config, data_dir: str) -> str:

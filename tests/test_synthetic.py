@@ -132,13 +132,15 @@ def test_written_task_matches_the_regenerated_rows(tmp_path):
 def test_quality_table_puts_each_figure_under_its_output_and_marks_what_is_missing():
   from flowmap import quality
   row = {"task": "grid_to_pooled", "rows": 2000, "eval/mean/cosine_token": 0.95,
-         "baseline/ridge_cosine_token": 0.9, "eval/sample/mse": 0.2}
+         "baseline/ridge_cosine_token": 0.9, "eval/sample/mse": 0.2,
+         "eval/selected/mean/mse": 0.1, "select/step": 300}
   lines = quality.table([row]).splitlines()
   head = [c.strip() for c in lines[0].strip("|").split("|")]
   cells = [c.strip() for c in lines[2].strip("|").split("|")]
-  assert len(head) == len(cells) == 2 + len(quality.FIGURES) * len(quality.COLUMNS)
+  assert len(head) == len(cells) == 3 + len(quality.FIGURES) * len(quality.COLUMNS)
   got = dict(zip(head, cells))
   assert got["task"] == "grid_to_pooled" and got["train rows"] == "2,000"
   assert got["flowmap mean cosine_token"] == "0.9500"
   assert got["ridge cosine_token"] == "0.9000"
   assert got["flowmap sample mse"] == "0.2000" and got["mlp mse"] == "-"
+  assert got["flowmap selected mean mse"] == "0.1000" and got["selected step"] == "300"

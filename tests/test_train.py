@@ -176,3 +176,32 @@ def test_meanflow_objective_trains_and_samples_in_n_evaluations(tmp_path, demo_d
   bad.eval.solver = "heun"
   with pytest.raises(ConfigError, match="eval.solver=euler"):
     train.setup(bad, str(tmp_path / "other"))
+
+
+def test_select_rows_keeps_the_best_mean_from_the_linear_map_on(tmp_path, demo_data):
+  """train.select_rows: rows held out of training score the mean at step 0 (the untrained
+  model is the linear map, so its score is the map's) and at every evaluation; the best EMA
+  weights are kept and load in the Mapper."""
+  from flowmap import Mapper, data, linear, metrics, workdir
+  c = tiny_config(demo_data, steps=40)
+  c.train.select_rows = 64
+  c.train.eval_every = 20
+  results = train.train_and_evaluate(c, str(tmp_path))
+  kept, held = workdir.selection_splits(demo_data, 64)
+  assert data.split_info(demo_data, held).num_examples == 64
+  assert data.split_info(demo_data, kept).num_examples == 256 - 64
+  record = workdir.read_selection(str(tmp_path))
+  assert [s for s, _ in record["history"]] == [0, 20, 40]
+  best_step, best_mse = min(record["history"], key=lambda h: h[1])
+  assert (record["step"], record["mse"]) == (best_step, best_mse)
+  rows = data.read_rows(demo_data, held, [c.data.source, c.data.target])
+  source, target = (np.asarray(rows[n], np.float64) for n in (c.data.source, c.data.target))
+  ridge = linear.LinearMap.load(str(tmp_path / workdir.LINEAR_FILE))
+  assert record["history"][0][1] == pytest.approx(metrics.score(ridge(source), target)["mse"],
+                                                  rel=1e-4)
+  assert results["select/step"] == best_step
+  assert {"eval/selected/mean/mse", "eval/selected/sample/mse"} <= set(results)
+  m = Mapper.from_workdir(str(tmp_path), selected=True)
+  assert m.step == best_step
+  mapped = m.map(source.astype(np.float32), mode="mean")
+  assert metrics.score(mapped, target)["mse"] == pytest.approx(best_mse, rel=0.05)
