@@ -338,6 +338,8 @@ class TrainSetup:
   state_shardings: Any
   checkpointer: checkpoint_lib.Checkpointer
   init: Any
+  train_split: str = "train"   # with train.select_rows: the rows not held out ...
+  select_split: str = ""       # ... and the held-out ones
 
   @property
   def is_main(self) -> bool:
@@ -355,6 +357,9 @@ def setup(config, workdir: str) -> TrainSetup:
                       f"by the {n_dev} devices")
   data_dir, stats = workdir_lib.resolve_data(config, workdir)
   spec = workdir_lib.spec_from_config(config, stats)
+  splits = ("train", "")
+  if config.train.select_rows:   # checked against the dataset before any work
+    splits = workdir_lib.selection_splits(data_dir, config.train.select_rows)
   checkpointer = checkpoint_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
   if checkpointer.latest_step() is not None:
     spec = workdir_lib.resumed_spec(config, workdir, spec)
@@ -368,7 +373,7 @@ def setup(config, workdir: str) -> TrainSetup:
   shardings = sharding.state_shardings(shapes, mesh)
   workdir_lib.write_run_files(workdir, config, data_dir, spec)
   return TrainSetup(config, workdir, mesh, data_dir, spec, graphdef, tx,
-                    sharding.placed(shapes, mesh), shardings, checkpointer, init)
+                    sharding.placed(shapes, mesh), shardings, checkpointer, init, *splits)
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -390,11 +395,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   # -- input: this process's rows of every global batch, resumed at `start`; process p
   # holds the p-th block of rows (sharding.make_mesh orders the devices by process)
-  train_split, selector = "train", None
-  if c.train.select_rows:
-    train_split, select_split = workdir_lib.selection_splits(run.data_dir, c.train.select_rows)
+  selector = None
   batches = data_lib.train_batches(
-      run.data_dir, train_split, [c.data.source, c.data.target], c.train.batch_size,
+      run.data_dir, run.train_split, [c.data.source, c.data.target], c.train.batch_size,
       seed=c.seed, limit=c.data.overfit_size, start_step=start,
       process_index=jax.process_index(), process_count=jax.process_count(),
       in_memory_bytes=int(c.data.in_memory_gb * 2 ** 30),
@@ -411,7 +414,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                           mesh)
   if c.train.select_rows:
     selector = evaluate_lib.Selector(c, workdir, run.data_dir, run.spec, run.graphdef, mesh,
-                                     select_split)
+                                     run.select_split)
     if start == 0:
       selector.update(0, state)   # the untrained model: the linear map
   writer = MetricWriter(workdir, c, enabled=run.is_main)

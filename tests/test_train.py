@@ -82,6 +82,7 @@ def test_resuming_restores_into_shapes_without_building_a_fresh_state(tmp_path, 
     ("--config.data.target_shape=(9,9)", "target_shape"),
     ("--config.data.dir=/nonexistent/features", "does not exist"),
     ("--config.data.target=clip", "'clip' is not in the dataset"),
+    ("--config.train.select_rows=256", "must be below the 256 training rows"),
 ])
 def test_bad_config_or_data_exits_2_with_one_line(tmp_path, demo_data, override, message):
   result = run_main(["--workdir", str(tmp_path / "w"), f"--config.data.dir={demo_data}",
