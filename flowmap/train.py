@@ -512,4 +512,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
     writer.close()
   if not last_eval and start >= c.train.steps:
     last_eval = evaluator.run(c, workdir, state, start)
+    if selector is not None:   # a finished run, run again: the kept weights' figures too
+      last_eval.update(selector.report(c, evaluator, run.abstract_state["ema"]))
   return last_eval

@@ -206,3 +206,6 @@ def test_select_rows_keeps_the_best_mean_from_the_linear_map_on(tmp_path, demo_d
   assert m.step == best_step
   mapped = m.map(source.astype(np.float32), mode="mean")
   assert metrics.score(mapped, target)["mse"] == pytest.approx(best_mse, rel=0.05)
+  again = train.train_and_evaluate(c, str(tmp_path))   # finished: re-evaluates, keeps the choice
+  assert again["select/step"] == best_step
+  assert again["eval/selected/mean/mse"] == pytest.approx(results["eval/selected/mean/mse"])
