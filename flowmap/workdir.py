@@ -297,25 +297,35 @@ def write_eval(workdir: str, step: int, record: dict) -> str:
 
 # ----------------------------------------------------------------------------- the linear map
 
+def _shard_shares(data_dir: str, split: str, rows: int):
+  """(the split's rows, [(first row, shard rows, share)] per shard): ``rows`` shared out in
+  proportion to the shards' lengths, the last shard taking what rounding left."""
+  info = data_lib.split_info(data_dir, split)
+  lengths = list(info.shard_lengths) or [info.num_examples]
+  total = sum(lengths)
+  shares, start, left = [], 0, rows
+  for i, n in enumerate(lengths):
+    take = min(n, left if i == len(lengths) - 1 else int(round(rows * n / total)))
+    left -= take
+    shares.append((start, n, take))
+    start += n
+  return total, shares
+
+
 def spread_rows(data_dir: str, split: str, rows: int, seed: int) -> str:
   """A tfds split string of about ``rows`` rows spread over every shard of ``split``: from
   each shard a share proportional to its length, as one run starting at a seeded offset.
   Extraction writes one shard per input tar (often one source of images), so the first rows
   in file order would be one source; reading runs keeps the pass short."""
-  info = data_lib.split_info(data_dir, split)
-  lengths = list(info.shard_lengths) or [info.num_examples]
-  total = sum(lengths)
+  total, shares = _shard_shares(data_dir, split, rows)
   if rows <= 0 or rows >= total:
     return split
   rng = np.random.default_rng([seed, 0x5EED])
-  parts, start, left = [], 0, rows
-  for i, n in enumerate(lengths):
-    take = min(n, left if i == len(lengths) - 1 else int(round(rows * n / total)))
-    left -= take
+  parts = []
+  for start, n, take in shares:
     if take > 0:
       offset = start + int(rng.integers(0, n - take + 1))
       parts.append(f"{split}[{offset}:{offset + take}]")
-    start += n
   return "+".join(parts)
 
 
@@ -323,20 +333,15 @@ def selection_splits(data_dir: str, rows: int) -> tuple[str, str]:
   """(training split, selection split) for ``train.select_rows``: the last share of every
   shard (proportional to its length) is held out, so the selection rows come from every
   shard (extraction writes one shard per input tar, often one source of images)."""
-  info = data_lib.split_info(data_dir, "train")
-  lengths = list(info.shard_lengths) or [info.num_examples]
-  total = sum(lengths)
+  total, shares = _shard_shares(data_dir, "train", rows)
   if not 0 < rows < total:
     raise ConfigError(f"train.select_rows={rows} must be below the {total} training rows")
-  kept, held, start, left = [], [], 0, rows
-  for i, n in enumerate(lengths):
-    take = min(n, left if i == len(lengths) - 1 else int(round(rows * n / total)))
-    left -= take
+  kept, held = [], []
+  for start, n, take in shares:
     if take < n:
       kept.append(f"train[{start}:{start + n - take}]")
     if take:
       held.append(f"train[{start + n - take}:{start + n}]")
-    start += n
   return "+".join(kept), "+".join(held)
 
 
