@@ -38,7 +38,8 @@ class Mapper:
   """Maps raw source features [n, tokens, dim] to raw target features with the ODE sampler.
 
   Attributes users read: ``source``/``target`` (feature names), ``source_shape``,
-  ``target_shape``, ``step``, ``ema``, ``config`` (the run's ConfigDict), ``data_dir``.
+  ``target_shape``, ``step``, ``ema``, ``config`` (the run's ConfigDict), ``data_dir``,
+  ``dtype`` (the compute dtype ``model.dtype`` resolved to here: float32 or bfloat16).
   """
 
   def __init__(self, graphdef, params, config, spec: workdir_lib.RunSpec, mesh, step: int,
@@ -50,6 +51,7 @@ class Mapper:
     self.source, self.target = config.data.source, config.data.target
     self.source_shape = tuple(model_cfg.source_shape)
     self.target_shape = tuple(model_cfg.target_shape)
+    self.dtype = model_cfg.dtype
     self._samplers = {}
 
   @classmethod
@@ -88,7 +90,7 @@ class Mapper:
 
   def __repr__(self) -> str:
     return (f"Mapper({self.source} {self.source_shape} -> {self.target} {self.target_shape}, "
-            f"step {self.step}, {'EMA' if self.ema else 'raw'} weights, "
+            f"step {self.step}, {'EMA' if self.ema else 'raw'} weights, {self.dtype}, "
             f"{self.mesh.devices.size} device(s))")
 
   def _sampler(self, solver: str, guidance: float, mode: str = "sample", draw: int = 0):

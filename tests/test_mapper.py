@@ -24,20 +24,31 @@ def validation(small_run):
   return data.load_features(small_run["data_dir"], "validation", 64)
 
 
+def row_tolerance(mapper) -> float:
+  """How far one row may move with the batch it is mapped in: float32 rounding, or in
+  bfloat16 (model.dtype=auto on CPUs with native bfloat16) the matmuls' blocking, which
+  depends on the batch's shape (up to ~2e-3 measured on features of scale 1). A row given
+  the wrong noise moves by O(1)."""
+  return 1e-5 if mapper.dtype == "float32" else 1e-2
+
+
 def test_a_row_maps_alike_whatever_the_call_or_batch(mapper, validation):
   x = validation["source_enc"]
+  tol = row_tolerance(mapper)
   full = mapper.map(x, seed=3)
   assert full.shape == (64, 16, 32) and full.dtype == np.float32
   for rows in (1, 7):
-    np.testing.assert_allclose(mapper.map(x[:rows], seed=3), full[:rows], atol=1e-5)
+    np.testing.assert_allclose(mapper.map(x[:rows], seed=3), full[:rows], atol=tol)
   for batch_size in (2, 7):
-    np.testing.assert_allclose(mapper.map(x, seed=3, batch_size=batch_size), full, atol=1e-5)
+    np.testing.assert_allclose(mapper.map(x, seed=3, batch_size=batch_size), full, atol=tol)
   # A piece of a larger array, told where it starts, maps as it did in the whole.
   np.testing.assert_allclose(mapper.map(x[20:27], seed=3, first_row=20), full[20:27],
-                             atol=1e-5)
+                             atol=tol)
+  # Another row's noise is far outside the tolerance, so the checks above can fail.
+  assert np.abs(mapper.map(x[:1], seed=3, first_row=1) - full[:1]).max() > 10 * tol
   single = mapper.map(x[0], seed=3)
   assert single.shape == (16, 32)
-  np.testing.assert_allclose(single, full[0], atol=1e-5)
+  np.testing.assert_allclose(single, full[0], atol=tol)
   assert not np.allclose(mapper.map(x[:7], seed=4), full[:7], atol=1e-3)
 
 
@@ -51,11 +62,12 @@ def test_the_mean_and_several_samples(mapper, validation):
   scored = {name: metrics.score(y, true) for name, y in (("mean", mean), ("sample", sample))}
   assert scored["mean"]["mse"] < scored["sample"]["mse"]
   assert scored["mean"]["variance_ratio"] < scored["sample"]["variance_ratio"]
-  np.testing.assert_allclose(mapper.map(x[:5], mode="mean"), mean[:5], atol=1e-5)
+  tol = row_tolerance(mapper)
+  np.testing.assert_allclose(mapper.map(x[:5], mode="mean"), mean[:5], atol=tol)
   samples, spread = mapper.map(x[:6], seed=3, num_samples=3)
   assert samples.shape == (6, 3, 16, 32) and spread.shape == (6, 16)
-  np.testing.assert_allclose(samples[:, 0], sample[:6], atol=1e-5)
-  assert not np.allclose(samples[:, 1], samples[:, 0], atol=1e-3)
+  np.testing.assert_allclose(samples[:, 0], sample[:6], atol=tol)
+  assert not np.allclose(samples[:, 1], samples[:, 0], atol=10 * tol)
   np.testing.assert_allclose(spread, np.sqrt(samples.var(1, ddof=1).mean(-1)), rtol=1e-5)
   assert (spread > 0).all()
   with pytest.raises(ValueError, match="mode"):
