@@ -30,6 +30,8 @@ from flowmap import sharding
 from flowmap import workdir as workdir_lib
 from flowmap.config import ConfigError, NonFiniteError, Preempted
 
+SMALL_DATA_ROWS = 50_000   # below this many training rows, without train.select_rows, a hint
+
 
 class PreemptionWatcher:
   """Turns SIGTERM, SIGINT and SIGUSR1 (SLURM's `--signal` pre-timeout warning) into a
@@ -360,6 +362,13 @@ def setup(config, workdir: str) -> TrainSetup:
   splits = ("train", "")
   if config.train.select_rows:   # checked against the dataset before any work
     splits = workdir_lib.selection_splits(data_dir, config.train.select_rows)
+  elif not config.data.overfit_size and jax.process_index() == 0:
+    rows = data_lib.split_size(data_dir, "train")
+    if rows < SMALL_DATA_ROWS:
+      logging.warning(
+          "%d training rows: with few rows the network can overfit before it beats the "
+          "linear map; train.select_rows=%d keeps the best step, from the linear map on "
+          "(README: 'Small data')", rows, min(max(rows // 10, 1), 2000))
   checkpointer = checkpoint_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
   if checkpointer.latest_step() is not None:
     spec = workdir_lib.resumed_spec(config, workdir, spec)

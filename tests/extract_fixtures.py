@@ -18,22 +18,25 @@ CLIP_SIZE = 32
 EVA_SIZE = 32
 
 
-def build_clip(directory: str) -> str:
+def build_clip(directory: str, width: int = 32, image_size: int = CLIP_SIZE,
+               projection_dim: int = 16) -> str:
   """A 2-block CLIP vision tower (patch 8 on 32 px: 16 patches + CLS) with its projection
   and image processor, saved as transformers does."""
   import torch
   from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
   torch.manual_seed(0)
-  config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=2, image_size=CLIP_SIZE, patch_size=8,
-                            projection_dim=16)
+  config = CLIPVisionConfig(hidden_size=width, intermediate_size=2 * width,
+                            num_hidden_layers=2, num_attention_heads=2, image_size=image_size,
+                            patch_size=8, projection_dim=projection_dim)
   CLIPVisionModelWithProjection(config).eval().save_pretrained(directory)
-  CLIPImageProcessor(size={"shortest_edge": CLIP_SIZE},
-                     crop_size={"height": CLIP_SIZE, "width": CLIP_SIZE}).save_pretrained(directory)
+  CLIPImageProcessor(size={"shortest_edge": image_size},
+                     crop_size={"height": image_size, "width": image_size}
+                     ).save_pretrained(directory)
   return directory
 
 
-def build_eva(directory: str) -> str:
+def build_eva(directory: str, width: int = 32, image_size: int = EVA_SIZE,
+              head_dim: int = 16) -> str:
   """A 2-block EVA02 (rotary embeddings, SwiGLU, CLS pooling, 16-d head standing in for the
   CLIP projection), saved for ``timm:local-dir:``. Its data config keeps eva02's crop_pct
   0.9, so its geometry differs from the CLIP one."""
@@ -41,9 +44,9 @@ def build_eva(directory: str) -> str:
   import torch
   from timm.models import save_for_hf
   torch.manual_seed(1)
-  model = timm.create_model("eva02_tiny_patch14_224", pretrained=False, img_size=EVA_SIZE,
-                            patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=16,
-                            global_pool="token")
+  model = timm.create_model("eva02_tiny_patch14_224", pretrained=False, img_size=image_size,
+                            patch_size=8, embed_dim=width, depth=2, num_heads=2,
+                            num_classes=head_dim, global_pool="token")
   save_for_hf(model.eval(), directory, safe_serialization=True)
   return directory
 
