@@ -365,10 +365,9 @@ def setup(config, workdir: str) -> TrainSetup:
   elif not config.data.overfit_size and jax.process_index() == 0:
     rows = data_lib.split_size(data_dir, "train")
     if rows < SMALL_DATA_ROWS:
-      logging.warning(
-          "%d training rows: with few rows the network can overfit before it beats the "
-          "linear map; train.select_rows=%d keeps the best step, from the linear map on "
-          "(README: 'Small data')", rows, min(max(rows // 10, 1), 2000))
+      print(f"note: {rows:,} training rows; with few rows the network can overfit before "
+            f"it beats the linear map: train.select_rows={min(max(rows // 10, 1), 2000)} "
+            f"keeps the best step, the linear map included (README: 'Small data')", flush=True)
   checkpointer = checkpoint_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
   if checkpointer.latest_step() is not None:
     spec = workdir_lib.resumed_spec(config, workdir, spec)

@@ -44,10 +44,13 @@ def test_loss_falls_and_workdir_has_everything(tmp_path, demo_data):
   assert sorted(os.listdir(tmp_path / "checkpoints")) >= ["30", "60"]
 
 
-def test_same_command_again_resumes_and_finishes(tmp_path, demo_data):
+def test_same_command_again_resumes_and_finishes(tmp_path, demo_data, capsys):
   c = tiny_config(demo_data, steps=10)
   c.train.checkpoint_every = 5
   train.train_and_evaluate(c, str(tmp_path))
+  # 256 rows and no train.select_rows: one line suggests it, with a tenth of the rows.
+  out = capsys.readouterr().out
+  assert "note: 256 training rows" in out and "train.select_rows=25 " in out, out
   c.train.steps = 15
   train.train_and_evaluate(c, str(tmp_path))
   steps = [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl") if "train/loss" in r]
