@@ -55,7 +55,9 @@ def launch(workdir, data_dir, devices: int, mesh: tuple[int, int], process_id=No
              f"--process_id={process_id}"]
   env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} "
                                    f"--xla_force_host_platform_device_count={devices} "
-                                   "--xla_backend_optimization_level=0")   # compile faster
+                                   "--xla_backend_optimization_level=0 "   # compile faster
+                                   # virtual devices on two cores reach collectives unevenly
+                                   "--xla_cpu_collective_call_terminate_timeout_seconds=600")
   return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
 

@@ -31,7 +31,11 @@ import sharding_steps  # noqa: E402
 
 # LLVM optimisation off: a third of the compile time, and the partitioning under test (the
 # HLO passes) is unchanged; every layout is compiled alike.
-EIGHT_DEVICES = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+# Eight virtual devices share two cores: a device thread can reach a collective more than
+# XLA's default 40 s after the others (it aborted one CI run), so the tests wait longer.
+EIGHT_DEVICES = ("--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
+                 "--xla_cpu_collective_call_terminate_timeout_seconds=600 "
+                 "--xla_cpu_collective_call_warn_stuck_timeout_seconds=120")
 
 
 # ----------------------------------------------------------------------------- unit
