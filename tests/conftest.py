@@ -7,6 +7,9 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# For subprocesses with many virtual devices: on two cores their threads can reach a
+# collective more than XLA's default 40 s apart (it aborted one CI run), so they wait longer.
+PATIENT_COLLECTIVES = "--xla_cpu_collective_call_terminate_timeout_seconds=600"
 sys.path.insert(0, ROOT)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from flowmap import platform as _platform   # noqa: E402  (XLA flags before JAX starts)

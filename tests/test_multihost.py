@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import PATIENT_COLLECTIVES, ROOT
 from flowmap import checkpoint as checkpoint_lib
 from flowmap import data as data_lib
 from flowmap import model as model_lib
@@ -56,8 +56,7 @@ def launch(workdir, data_dir, devices: int, mesh: tuple[int, int], process_id=No
   env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} "
                                    f"--xla_force_host_platform_device_count={devices} "
                                    "--xla_backend_optimization_level=0 "   # compile faster
-                                   # virtual devices on two cores reach collectives unevenly
-                                   "--xla_cpu_collective_call_terminate_timeout_seconds=600")
+                                   + PATIENT_COLLECTIVES)
   return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
-from conftest import ROOT
+from conftest import PATIENT_COLLECTIVES, ROOT
 from flowmap import checkpoint as checkpoint_lib
 from flowmap import sampling
 from flowmap import model as model_lib
@@ -31,11 +31,8 @@ import sharding_steps  # noqa: E402
 
 # LLVM optimisation off: a third of the compile time, and the partitioning under test (the
 # HLO passes) is unchanged; every layout is compiled alike.
-# Eight virtual devices share two cores: a device thread can reach a collective more than
-# XLA's default 40 s after the others (it aborted one CI run), so the tests wait longer.
 EIGHT_DEVICES = ("--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
-                 "--xla_cpu_collective_call_terminate_timeout_seconds=600 "
-                 "--xla_cpu_collective_call_warn_stuck_timeout_seconds=120")
+                 + PATIENT_COLLECTIVES)
 
 
 # ----------------------------------------------------------------------------- unit
