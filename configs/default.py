@@ -16,7 +16,7 @@ def get_config():
   c.data.dir = ""               # a features dataset (extract_features.py or the demo)
   c.data.source = ""            # the stored feature to condition on
   c.data.target = ""            # the stored feature to generate
-  c.data.normalize = "standardize"   # standardize | l2 | none
+  c.data.normalize = "standardize"   # standardize | l2 (norm sqrt(dim)) | unit (norm 1) | none
   c.data.renormalize = False    # resume in the dataset's new statistics when they changed
   c.data.overfit_size = 0       # > 0: train and evaluate on the first N training examples
   c.data.source_shape = ml_collections.config_dict.placeholder(tuple)  # (tokens, dim)

@@ -26,7 +26,7 @@ class Preempted(Exception):
   """Training stopped on SIGTERM/SIGINT/SIGUSR1 after saving a checkpoint."""
 
 
-NORMALIZATIONS = ("standardize", "l2", "none")
+NORMALIZATIONS = ("standardize", "l2", "unit", "none")
 SOLVERS = ("euler", "heun")
 TIME_SAMPLINGS = ("uniform", "logit_normal", "shifted")
 DTYPES = ("auto", "float32", "bfloat16", "float16")   # auto: flowmap.platform.resolve_dtype

@@ -321,7 +321,9 @@ class Normalizer:
 
   standardize: per-dimension (x - mean) / std from stats.json. l2: every token scaled to norm
   sqrt(dim), i.e. unit RMS per element like the noise (not unit norm, which would put the
-  data far below the noise scale); decoding rescales to the mean raw token norm.
+  data far below the noise scale); decoding rescales to the mean raw token norm. unit: every
+  token scaled to norm 1, the earlier attempts' and BLIP3-o's choice, kept for comparison
+  (``python -m flowmap.ablation``): each coordinate is about 1/sqrt(dim) of the noise's.
   """
 
   def __init__(self, kind: str, mean=None, std=None, mean_norm: float = 1.0):
@@ -355,9 +357,9 @@ class Normalizer:
       x = x.astype(np.float32)
     if self.kind == "standardize":
       return (x - self.mean) / self.std
-    if self.kind == "l2":
+    if self.kind in ("l2", "unit"):
       norm = (x * x).sum(-1, keepdims=True) ** 0.5
-      return x / (norm + 1e-6) * math.sqrt(x.shape[-1])
+      return x / (norm + 1e-6) * (math.sqrt(x.shape[-1]) if self.kind == "l2" else 1.0)
     return x
 
   def decode(self, y):
@@ -365,6 +367,8 @@ class Normalizer:
       return y * self.std + self.mean
     if self.kind == "l2":
       return y * (self.mean_norm / math.sqrt(y.shape[-1]))
+    if self.kind == "unit":
+      return y * self.mean_norm
     return y
 
 

@@ -79,6 +79,12 @@ class Evaluator:
           self.objective)
     return self._samplers[key]
 
+  def use_sampler(self, solver: str, guidance: float, mode: str, fn, draw: int = 0):
+    """Replaces the compiled program of (solver, guidance, mode, draw) with ``fn`` (the
+    signature of ``sampling.make_row_sampler``'s): for samplers flowmap does not build, such
+    as the ablation's reversed one."""
+    self._samplers[(solver, float(guidance), mode, draw)] = fn
+
   def _batches(self, arrays: dict):
     """(start, real rows, padded arrays (sharded), row indices (sharded)) per batch; the
     padding repeats the last row."""

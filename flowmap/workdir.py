@@ -102,6 +102,8 @@ class RunSpec:
       std = std / np.asarray(norm.std, np.float64).reshape(-1, len(std)).mean(0)
     elif norm.kind == "l2":
       std = std * np.sqrt(len(std)) / norm.mean_norm
+    elif norm.kind == "unit":
+      std = std / norm.mean_norm
     return std.astype(np.float32)
 
   def to_json(self) -> dict:

@@ -47,15 +47,16 @@ def test_writer_rejects_bad_examples_naming_the_key(tmp_path):
   assert w.commit() == 1
 
 
-@pytest.mark.parametrize("kind", ["standardize", "l2", "none"])
+@pytest.mark.parametrize("kind", ["standardize", "l2", "unit", "none"])
 def test_normalizer_round_trip(kind):
   rng = np.random.default_rng(0)
   x = rng.normal(2.0, 3.0, size=(4, 5, 6)).astype(np.float32)
   norm = data_lib.Normalizer(kind, x.reshape(-1, 6).mean(0), x.reshape(-1, 6).std(0),
                              float(np.linalg.norm(x, axis=-1).mean()))
   y = norm.encode(x)
-  if kind == "l2":   # unit RMS per element, like the noise, not unit norm
-    np.testing.assert_allclose(np.sqrt((y ** 2).mean(-1)), 1.0, rtol=1e-4)
+  if kind in ("l2", "unit"):   # l2: unit RMS per element, like the noise; unit: norm 1
+    rms = 1.0 if kind == "l2" else 1 / np.sqrt(6)
+    np.testing.assert_allclose(np.sqrt((y ** 2).mean(-1)), rms, rtol=1e-4)
     from flowmap.metrics import cosine
     np.testing.assert_allclose(cosine(norm.decode(y), x), 1.0, atol=1e-6)
   else:
@@ -67,7 +68,7 @@ def test_normalizer_takes_stored_half_precision_in_numpy_and_under_jit():
   import jax
   rng = np.random.default_rng(0)
   x = (30 * rng.normal(size=(2, 3, 1024))).astype(np.float16)   # sum of squares > 65504
-  for kind in ("standardize", "l2"):
+  for kind in ("standardize", "l2", "unit"):
     norm = data_lib.Normalizer(kind, rng.normal(size=1024), rng.uniform(1, 2, 1024), 5.0)
     want = norm.encode(x.astype(np.float32))
     got = norm.encode(x)
