@@ -52,6 +52,8 @@ def get_config(size: str = "small"):
   c.bench.input_batches = 40
   c.bench.peer_precisions = ("float32", "bf16_autocast")
   c.bench.flowmap_dtypes = ("float32", "bfloat16")   # compute dtypes timed beside model.dtype
+  c.bench.profile_dir = ""            # a directory: trace bench.profile_steps train steps per
+  c.bench.profile_steps = 3           # dtype after timing (TensorBoard's profile tab, xprof)
 
   if size == "small":
     # Six blocks unrolled: the scan's per-block stacking and slicing copies (~18% of the

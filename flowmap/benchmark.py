@@ -70,6 +70,10 @@ DEFAULTS = {
     "peer_precisions": benchmark_peer.PRECISIONS,
     "flowmap_dtypes": (),       # also time flowmap's train step and first Euler sampler in
                                 # these compute dtypes (model.dtype is always timed)
+    "profile_dir": "",          # after timing: a jax.profiler trace of profile_steps train
+                                # steps per compute dtype into <profile_dir>/<dtype>
+                                # (TensorBoard's profile tab or xprof reads it)
+    "profile_steps": 3,
 }
 
 # Dense tensor-core peaks from the datasheets, TFLOP/s: (bfloat16/float16, tf32).
@@ -391,6 +395,14 @@ def input_pipeline(config, source_shape, target_shape, s) -> dict:
 
 # ----------------------------------------------------------------------------- the run
 
+def profile_train(fm: "Flowmap", path: str, steps: int) -> str:
+  """A jax.profiler trace of ``steps`` compiled train steps (already warm) into ``path``."""
+  fm.run_steps(1)
+  with jax.profiler.trace(path):
+    fm.run_steps(steps)
+  return path
+
+
 def with_dtype(model_cfg: model_lib.ModelConfig, dtype: str, attention: str):
   """``model_cfg`` computing in ``dtype``, its attention kernel re-resolved for that dtype
   (``auto`` picks cuDNN only for half precision)."""
@@ -603,6 +615,11 @@ def run(config, peer: str = "") -> dict:
         "note": "flowmap / the peer's better precision; samplers against the peer's Euler "
                 "loop at the same number of model evaluations",
     }
+  if s.profile_dir:   # untimed: tracing slows the steps it records
+    result["profile_dirs"] = {d: profile_train(f, os.path.join(s.profile_dir, d),
+                                               int(s.profile_steps))
+                              for d, f in flowmaps.items()}
+    log(f"profiles written under {s.profile_dir}")
   result["repetitions"] = repetitions
   result["host_load"] = summarise_load(load)
   if skipped:

@@ -38,10 +38,14 @@ def test_cli_prints_the_contract_keys_with_positive_finite_figures(tmp_path):
   out = tmp_path / "bench.json"
   proc = subprocess.run(
       [sys.executable, "-m", "flowmap.benchmark", "--config",
-       os.path.join(ROOT, "configs", "bench.py") + ":tiny", "--out", str(out)],
+       os.path.join(ROOT, "configs", "bench.py") + ":tiny", "--out", str(out),
+       f"--config.bench.profile_dir={tmp_path / 'profile'}", "--config.bench.profile_steps=1"],
       capture_output=True, text=True, timeout=600, cwd=ROOT)
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(proc.stdout)
+  for d in ("float32", "bfloat16"):   # a trace per compute dtype, as TensorBoard reads it
+    assert result["profile_dirs"][d] == str(tmp_path / "profile" / d)
+    assert list((tmp_path / "profile" / d).glob("plugins/profile/*/*.xplane.pb")), d
   assert json.loads(out.read_text()) == result
   for key in ("train_samples_per_s", "train_tflops", "mfu", "peak_tflops",
               "input_samples_per_s", "batch"):
