@@ -144,3 +144,25 @@ def test_quality_table_puts_each_figure_under_its_output_and_marks_what_is_missi
   assert got["ridge cosine_token"] == "0.9000"
   assert got["flowmap sample mse"] == "0.2000" and got["mlp mse"] == "-"
   assert got["flowmap selected mean mse"] == "0.1000" and got["selected step"] == "300"
+
+
+def test_spread_rows_get_the_distribution_table_and_task_groups_expand():
+  from absl import app
+  from flowmap import quality
+  rows = [{"task": "grid_equal", "rows": 2000, "eval/mean/mse": 0.1},
+          {"task": "spread_sphere", "rows": 2000, "eval/sample/variance_ratio_along": 1.02,
+           "baseline/ridge_variance_ratio_along": 0.016, "eval/mean/fd_pooled": 1.66}]
+  lines = quality.spread_table(rows).splitlines()
+  assert len(lines) == 3   # the grid task has no spread directions: not in this table
+  got = dict(zip([c.strip() for c in lines[0].strip("|").split("|")],
+                 [c.strip() for c in lines[2].strip("|").split("|")]))
+  assert got["task"] == "spread_sphere" and "selected step" not in got
+  assert got["flowmap sample variance_ratio_along"] == "1.0200"
+  assert got["ridge variance_ratio_along"] == "0.0160"
+  assert got["flowmap mean fd_pooled"] == "1.6600" and got["mlp fd_pooled"] == "-"
+  assert quality.spread_table(rows[:1]) == ""
+  assert quality.resolve_tasks([]) == list(synthetic.GRID_TASKS)
+  assert quality.resolve_tasks(["spread", "grid_equal", "spread_modes"]) == [
+      *synthetic.SPREAD_TASKS, "grid_equal"]
+  with pytest.raises(app.UsageError, match="grid_equl"):
+    quality.resolve_tasks(["grid_equl"])
