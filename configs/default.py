@@ -32,6 +32,7 @@ def get_config():
   c.data.synthetic.grid = 4
   c.data.synthetic.source_dim = 48
   c.data.synthetic.target_dim = 32
+  c.data.synthetic.target_scale = 1.0   # the demo's target values times this (their raw scale)
 
   c.model = ml_collections.ConfigDict()
   c.model.size = "small"        # tiny | small | base | large | blip3o

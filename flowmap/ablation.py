@@ -10,7 +10,10 @@ attempts' and BLIP3-o's), changing only that one:
 - uniform instead of logit-normal training times (``flow.time_sampling=uniform``);
 - no source injection: the source reaches the target only through cross-attention
   (``model.aligned_conditioning=False``, ``model.linear_prior=False``);
-- raw instead of standardised features (``data.normalize=none``).
+- raw instead of standardised features (``data.normalize=none``), on the demo's features
+  (already near unit scale) and on the same features with the targets at 20x their scale
+  (``data.synthetic.target_scale=20``, like encoders whose features are far from unit scale),
+  next to the defaults on that data.
 
 It prints one markdown table of the mean mode's and the samples' pointwise figures and the
 samples' distribution-level ones (pooled Frechet distance, variance ratio) on the same
@@ -43,9 +46,15 @@ VARIANTS = {
     "no_injection": ("no source injection (cross-attention only)",
                      {"model.aligned_conditioning": False, "model.linear_prior": False}),
     "raw_features": ("raw features, not standardised", {"data.normalize": "none"}),
+    "defaults_scaled": ("flowmap's defaults, targets at 20x scale",
+                        {"data.synthetic.target_scale": 20.0}),
+    "raw_features_scaled": ("raw features, targets at 20x scale",
+                            {"data.normalize": "none", "data.synthetic.target_scale": 20.0}),
 }
-FIGURES = (("mean", "eval/mean/", ("cosine_token", "mse")),
-           ("sample", "eval/sample/", ("cosine_token", "mse", "fd_pooled", "variance_ratio")))
+# r2 and cosine do not depend on the target's scale; MSE and the Frechet distance do.
+FIGURES = (("mean", "eval/mean/", ("cosine_token", "r2", "mse")),
+           ("sample", "eval/sample/", ("cosine_token", "r2", "mse", "fd_pooled",
+                                       "variance_ratio")))
 
 
 def with_overrides(config, overrides: dict):
@@ -95,31 +104,42 @@ def evaluate_reversed(config, workdir: str) -> dict:
   return {**{f"eval/sample/{k}": v for k, v in figures.items()}, **evaluator.baseline}
 
 
-def run_variant(config, out: str, name: str) -> dict:
-  from flowmap import synthetic, train
-  data_dir = os.path.join(out, "data")
+def demo_data(config, out: str) -> str:
+  """The demo dataset of ``config.data.synthetic`` under ``out`` (written once): one per
+  target scale, shared by every variant on it."""
+  from flowmap import synthetic
   s = config.data.synthetic
+  scale = float(s.target_scale)
+  data_dir = os.path.join(out, "data" if scale == 1.0 else f"data-target-scale-{scale:g}")
   synthetic.write_demo_dataset(data_dir, train_size=s.train_size,
                                validation_size=s.validation_size, seed=config.seed,
-                               grid=s.grid, source_dim=s.source_dim, target_dim=s.target_dim)
-  base = config.copy_and_resolve_references()
-  base.data.dir = data_dir
+                               grid=s.grid, source_dim=s.source_dim, target_dim=s.target_dim,
+                               target_scale=scale)
+  return data_dir
+
+
+def run_variant(config, out: str, name: str) -> dict:
+  from flowmap import train
   _, overrides = VARIANTS[name]
   if overrides is None:   # evaluation only, on the defaults' weights
+    base = config.copy_and_resolve_references()
+    base.data.dir = demo_data(base, out)
     defaults_dir = os.path.join(out, "runs", "defaults")
     if not os.path.isdir(os.path.join(defaults_dir, "checkpoints")):
       train.train_and_evaluate(base, defaults_dir)
     results = evaluate_reversed(base, defaults_dir)
   else:
-    results = train.train_and_evaluate(with_overrides(base, overrides),
-                                       os.path.join(out, "runs", name))
+    c = with_overrides(config, overrides)
+    c.data.dir = demo_data(c, out)
+    results = train.train_and_evaluate(c, os.path.join(out, "runs", name))
   keep = {p + k for _, p, ks in FIGURES for k in ks}
   keep |= {"baseline/ridge_" + k for _, _, ks in FIGURES for k in ks}
   return {"variant": name, **{k: results[k] for k in sorted(keep) if k in results}}
 
 
 def table(rows: list[dict]) -> str:
-  """A markdown table, one line per variant and one for ridge (from the defaults' run)."""
+  """A markdown table, one line per variant and one for ridge (from the first run on the
+  demo's own scale, or the first run)."""
   head = ["choice"] + [f"{mode} {k}" for mode, _, ks in FIGURES for k in ks]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
@@ -128,7 +148,9 @@ def table(rows: list[dict]) -> str:
             for k in ks]
   for r in rows:
     lines.append("| " + " | ".join([VARIANTS[r["variant"]][0]] + cells(r.get)) + " |")
-  ridge = next((r for r in rows if any(k.startswith("baseline/ridge_") for k in r)), None)
+  with_ridge = [r for r in rows if any(k.startswith("baseline/ridge_") for k in r)]
+  unscaled = [r for r in with_ridge if "scaled" not in r["variant"]]
+  ridge = (unscaled or with_ridge or [None])[0]
   if ridge is not None:   # ridge has one output: the same figures in both columns
     get = lambda key: ridge.get("baseline/ridge_" + key.split("/")[-1])
     lines.append("| " + " | ".join(["ridge (closed-form linear map)"] + cells(get)) + " |")

@@ -35,8 +35,10 @@ class PairedEncoders:
   """A fixed pair of feature maps: parameters are a function of ``world_seed`` only."""
 
   def __init__(self, grid: int = 4, latent_dim: int = 32, source_dim: int = 48,
-               target_dim: int = 32, noise: float = 0.05, world_seed: int = 0):
+               target_dim: int = 32, noise: float = 0.05, world_seed: int = 0,
+               target_scale: float = 1.0):
     rng = np.random.default_rng(world_seed)
+    self.target_scale = float(target_scale)   # every target value times this (raw scale)
     self.grid, self.latent_dim, self.noise = grid, latent_dim, noise
     self.source_dim, self.target_dim = source_dim, target_dim
     L = latent_dim
@@ -67,7 +69,7 @@ class PairedEncoders:
         (global_mean * 3.0) @ self.global_
     y = np.tanh(h) @ self.readout + 0.3 * z @ self.skip + self.target_mean
     y = y + self.noise * np.random.default_rng(seed + 1).normal(size=y.shape)
-    return y.reshape(len(z), -1, self.target_dim)
+    return (self.target_scale * y).reshape(len(z), -1, self.target_dim)
 
   def pairs(self, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     z = self.latents(n, seed)

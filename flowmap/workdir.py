@@ -161,7 +161,8 @@ def resolve_data(config, workdir: str) -> tuple[str, dict]:
       s = config.data.synthetic
       synthetic.write_demo_dataset(
           data_dir, train_size=s.train_size, validation_size=s.validation_size,
-          seed=config.seed, grid=s.grid, source_dim=s.source_dim, target_dim=s.target_dim)
+          seed=config.seed, grid=s.grid, source_dim=s.source_dim, target_dim=s.target_dim,
+          target_scale=s.target_scale)
     sync("synthetic-data")
   if not os.path.isdir(data_dir):
     raise ConfigError(f"data.dir {data_dir!r} does not exist; extract features into it "

@@ -166,3 +166,10 @@ def test_spread_rows_get_the_distribution_table_and_task_groups_expand():
       *synthetic.SPREAD_TASKS, "grid_equal"]
   with pytest.raises(app.UsageError, match="grid_equl"):
     quality.resolve_tasks(["grid_equl"])
+
+
+def test_demo_target_scale_multiplies_the_targets_and_nothing_else():
+  a = synthetic.PairedEncoders().pairs(8, seed=3)
+  b = synthetic.PairedEncoders(target_scale=20.0).pairs(8, seed=3)
+  np.testing.assert_array_equal(a[0], b[0])
+  np.testing.assert_allclose(b[1], 20.0 * a[1], rtol=1e-12)
