@@ -125,8 +125,7 @@ def run_variant(config, out: str, name: str) -> dict:
     base = config.copy_and_resolve_references()
     base.data.dir = demo_data(base, out)
     defaults_dir = os.path.join(out, "runs", "defaults")
-    if not os.path.isdir(os.path.join(defaults_dir, "checkpoints")):
-      train.train_and_evaluate(base, defaults_dir)
+    train.train_and_evaluate(base, defaults_dir)   # trains, finishes or just re-evaluates it
     results = evaluate_reversed(base, defaults_dir)
   else:
     c = with_overrides(config, overrides)
