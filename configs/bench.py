@@ -27,7 +27,7 @@ def get_config(size: str = "small"):
   c.model.size = size
   # The architecture the PyTorch peer has too: no per-position source path, no linear prior.
   c.model.aligned_conditioning = False
-  c.model.linear_prior = False
+  c.model.prior = "none"
   # The timed model.dtype: float32 suits CPUs without AVX512_BF16 or AMX, where bfloat16
   # matmuls are emulated; bench.flowmap_dtypes times bfloat16 beside it either way (use
   # --config.model.dtype=bfloat16 on GPUs and on CPUs with native bfloat16).

@@ -46,8 +46,12 @@ def get_config():
   c.model.remat = "none"        # none | full | dots | dots_no_batch
   c.model.aligned_conditioning = True   # add the source, resampled onto the target's token
                                 # layout, at each target position (any two layouts)
-  c.model.linear_prior = True   # the closed-form linear map's estimate as an input at each
-                                # target position (fitted on eval.baseline_rows rows)
+  c.model.prior = "auto"        # the estimate of the target the model corrects, fitted on
+                                # eval.baseline_rows training rows: auto (the linear map or
+                                # the MLP, whichever is better on held-out rows) | linear |
+                                # mlp | none (the bare network)
+  c.model.prior_mlp_steps = 8000   # the MLP's Adam steps (the prior's and the ladder's MLP
+                                # rung), early-stopped on a tenth of its rows
   c.model.attention = "auto"    # auto (cudnn on GPUs in bf16/fp16, flash on CPUs, else xla)
                                 # | xla | einsum (the plain reference) | flash | cudnn
   c.model.scan_unroll = 1       # blocks per scan iteration: 1 compiles one block (fastest
@@ -101,8 +105,8 @@ def get_config():
                                 # averaged (that many model evaluations)
   c.eval.num_samples = 4        # samples per image for the energy score in --mode eval
   c.eval.batch_size = 128
-  c.eval.baseline_rows = 2048   # training rows (spread over the split) that the linear map
-                                # and the baseline ladder are fitted on (cached) ...
+  c.eval.baseline_rows = 16384  # training rows (spread over the split) that the prior and
+                                # the baseline ladder are fitted on (cached) ...
   c.eval.baseline_mb = 512.0    # ... at most this many MiB of them in their stored dtype
                                 # (256 x 1024 on both sides in float16: 512 rows)
   c.eval.baselines = ("procrustes", "mlp")   # rungs fitted next to the mean and the ridge

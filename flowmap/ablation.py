@@ -8,8 +8,11 @@ attempts' and BLIP3-o's), changing only that one:
 - the sampler run from data to noise (the defaults' own weights, integrated with time
   reversed: the earlier attempts' sampler bug; no training);
 - uniform instead of logit-normal training times (``flow.time_sampling=uniform``);
+- the closed-form linear map as the prior instead of the MLP (``model.prior=linear``: the
+  earlier design), and no prior at all (``model.prior=none``: the network alone, with the
+  source still added at each position);
 - no source injection: the source reaches the target only through cross-attention
-  (``model.aligned_conditioning=False``, ``model.linear_prior=False``);
+  (``model.aligned_conditioning=False``, ``model.prior=none``);
 - raw instead of standardised features (``data.normalize=none``), on the demo's features
   (already near unit scale) and on the same features with the targets at 20x their scale
   (``data.synthetic.target_scale=20``, like encoders whose features are far from unit scale),
@@ -17,7 +20,7 @@ attempts' and BLIP3-o's), changing only that one:
 
 It prints one markdown table of the mean mode's and the samples' pointwise figures and the
 samples' distribution-level ones (pooled Frechet distance, variance ratio) on the same
-held-out images, next to ridge, and writes them to ``<out>/ablation.json``. Each run is
+held-out images, next to ridge and the MLP, and writes them to ``<out>/ablation.json``. Each run is
 resumable: run the same command again to finish.
 
   python -m flowmap.ablation --out runs/ablation [--variants defaults,unit_norm,...]
@@ -43,14 +46,18 @@ VARIANTS = {
     "unit_norm": ("targets scaled to unit L2 norm", {"data.normalize": "unit"}),
     "reversed_sampler": ("sampler run from data to noise (defaults' weights)", None),
     "uniform_time": ("uniform training times", {"flow.time_sampling": "uniform"}),
+    "linear_prior": ("the linear map as the prior, not the MLP", {"model.prior": "linear"}),
+    "no_prior": ("no prior: the network alone", {"model.prior": "none"}),
     "no_injection": ("no source injection (cross-attention only)",
-                     {"model.aligned_conditioning": False, "model.linear_prior": False}),
+                     {"model.aligned_conditioning": False, "model.prior": "none"}),
     "raw_features": ("raw features, not standardised", {"data.normalize": "none"}),
     "defaults_scaled": ("flowmap's defaults, targets at 20x scale",
                         {"data.synthetic.target_scale": 20.0}),
     "raw_features_scaled": ("raw features, targets at 20x scale",
                             {"data.normalize": "none", "data.synthetic.target_scale": 20.0}),
 }
+BASELINE_ROWS = {"ridge": "ridge (closed-form linear map)",
+                 "mlp": "MLP (the ladder's rung; the defaults' prior)"}
 # r2 and cosine do not depend on the target's scale; MSE and the Frechet distance do.
 FIGURES = (("mean", "eval/mean/", ("cosine_token", "r2", "mse")),
            ("sample", "eval/sample/", ("cosine_token", "r2", "mse", "fd_pooled",
@@ -132,13 +139,14 @@ def run_variant(config, out: str, name: str) -> dict:
     c.data.dir = demo_data(c, out)
     results = train.train_and_evaluate(c, os.path.join(out, "runs", name))
   keep = {p + k for _, p, ks in FIGURES for k in ks}
-  keep |= {"baseline/ridge_" + k for _, _, ks in FIGURES for k in ks}
+  keep |= {f"baseline/{rung}_{k}" for rung in BASELINE_ROWS for _, _, ks in FIGURES
+           for k in ks}
   return {"variant": name, **{k: results[k] for k in sorted(keep) if k in results}}
 
 
 def table(rows: list[dict]) -> str:
-  """A markdown table, one line per variant and one for ridge (from the first run on the
-  demo's own scale, or the first run)."""
+  """A markdown table, one line per variant and one per baseline rung, ridge and the MLP
+  (from the first run on the demo's own scale that has it, or the first run)."""
   head = ["choice"] + [f"{mode} {k}" for mode, _, ks in FIGURES for k in ks]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
@@ -147,12 +155,13 @@ def table(rows: list[dict]) -> str:
             for k in ks]
   for r in rows:
     lines.append("| " + " | ".join([VARIANTS[r["variant"]][0]] + cells(r.get)) + " |")
-  with_ridge = [r for r in rows if any(k.startswith("baseline/ridge_") for k in r)]
-  unscaled = [r for r in with_ridge if "scaled" not in r["variant"]]
-  ridge = (unscaled or with_ridge or [None])[0]
-  if ridge is not None:   # ridge has one output: the same figures in both columns
-    get = lambda key: ridge.get("baseline/ridge_" + key.split("/")[-1])
-    lines.append("| " + " | ".join(["ridge (closed-form linear map)"] + cells(get)) + " |")
+  for rung, name in BASELINE_ROWS.items():
+    having = [r for r in rows if any(k.startswith(f"baseline/{rung}_") for k in r)]
+    unscaled = [r for r in having if "scaled" not in r["variant"]]
+    source = (unscaled or having or [None])[0]
+    if source is not None:   # a regressor has one output: the same figures in both columns
+      get = lambda key, r=source, rung=rung: r.get(f"baseline/{rung}_" + key.split("/")[-1])
+      lines.append("| " + " | ".join([name] + cells(get)) + " |")
   return "\n".join(lines)
 
 

@@ -32,8 +32,8 @@ TIME_SAMPLINGS = ("uniform", "logit_normal", "shifted")
 DTYPES = ("auto", "float32", "bfloat16", "float16")   # auto: flowmap.platform.resolve_dtype
 MODES = ("sample", "mean")
 OBJECTIVES = ("flow", "regression", "meanflow")
-RESIDUALS = ("linear", "none")
-BASELINES = ("procrustes", "mlp")   # optional rungs next to the mean target and the ridge   # what the model's target is relative to   # a sample of p(target | source), or an estimate of its mean
+PRIORS = ("auto", "linear", "mlp", "none")   # the estimate the model corrects (model.prior)
+BASELINES = ("procrustes", "mlp")   # optional rungs next to the mean target and the ridge
 
 
 def validate(config, sizes, remat_policies, attentions) -> None:
@@ -113,6 +113,11 @@ def validate(config, sizes, remat_policies, attentions) -> None:
     problems.append(f"model.size must be one of {list(sizes)}, got {c.model.size!r}")
   if c.model.remat not in remat_policies:
     problems.append(f"model.remat must be one of {list(remat_policies)}")
+  if c.model.prior not in PRIORS:
+    problems.append(f"model.prior must be one of {PRIORS}, got {c.model.prior!r}")
+  if c.model.prior_mlp_steps < 100:
+    problems.append(f"model.prior_mlp_steps must be >= 100 (the MLP is checked every 100 "
+                    f"steps), got {c.model.prior_mlp_steps}")
   if c.model.dtype not in DTYPES:
     problems.append(f"model.dtype must be one of {DTYPES}, got {c.model.dtype!r}")
   if not c.data.source or not c.data.target:

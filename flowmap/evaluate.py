@@ -221,7 +221,8 @@ def held_out_raw(config, data_dir: str) -> tuple[np.ndarray, np.ndarray, str]:
 def make_evaluator(config, workdir: str, data_dir: str, spec, graphdef, mesh) -> Evaluator:
   """The evaluator of a run: its held-out rows and the baseline ladder's figures on them
   (cached). The ridge rung is the run's own linear map (fitted now for a run without one),
-  and a synthetic task's known spread directions give ``variance_ratio_along``."""
+  the MLP rung the run's own MLP where its prior fitted one, and a synthetic task's known
+  spread directions give ``variance_ratio_along``."""
   source, target, split = held_out_raw(config, data_dir)
   ridge = spec.linear
   if ridge is None:
@@ -230,7 +231,7 @@ def make_evaluator(config, workdir: str, data_dir: str, spec, graphdef, mesh) ->
   baseline = functools.partial(
       baselines_lib.run_baselines, config, data_dir, workdir, ridge,
       workdir_lib.linear_split(config, data_dir), source, target, split,
-      directions=directions)
+      directions=directions, mlp=spec.mlp)
   return Evaluator(graphdef, mesh, spec, source, target, config.eval.batch_size,
                    seed=config.seed + 1_000_003, baseline=baseline,
                    mean_draws=config.eval.mean_draws, objective=config.flow.objective,
@@ -239,11 +240,11 @@ def make_evaluator(config, workdir: str, data_dir: str, spec, graphdef, mesh) ->
 
 class Selector:
   """``train.select_rows``: the mean mode's MSE (raw target space) on the training rows held
-  out of training, at step 0, where the untrained model is the linear map (with
-  ``model.linear_prior``), and at every evaluation; the EMA weights of the lowest so far are
-  kept in ``<workdir>/selected/`` and the scores in ``selection.json``. The selected model is
-  therefore never worse than the linear map on those rows. (The linear map itself was fitted
-  on rows spread over the whole training split, these included, which favours step 0.)"""
+  out of training, at step 0, where the untrained model is its prior (``model.prior``: the
+  linear map or the MLP, fitted on other rows), and at every evaluation; the EMA weights of
+  the lowest so far are kept in ``<workdir>/selected/`` and the scores in
+  ``selection.json``. The selected model is therefore never worse than its prior on those
+  rows."""
 
   def __init__(self, config, workdir: str, data_dir: str, spec, graphdef, mesh,
                select_split: str):

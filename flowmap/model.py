@@ -64,7 +64,7 @@ class ModelConfig:
   dtype: str = "float32"          # compute dtype (config_from resolves "auto")
   remat: str = "none"
   aligned_conditioning: bool = False   # the source resampled onto each target position
-  linear_prior: bool = False   # the closed-form linear map's estimate as an input
+  prior: bool = False          # corrects a Gaussian model around a fitted estimate (an input)
   interval: bool = False       # a second time input, the interval's end (flow.objective=meanflow)
   rope_theta: float = 10000.0
   attention: str = "auto"         # attention.IMPLEMENTATIONS; "auto" picks per backend
@@ -108,7 +108,7 @@ def config_from(model_cfg, source_shape, target_shape) -> ModelConfig:
       depth=depth, heads=heads, kv_heads=kv_heads, mlp_ratio=model_cfg.get("mlp_ratio", 4.0),
       dtype=platform_lib.resolve_dtype(model_cfg.get("dtype", "auto"), backend),
       remat=model_cfg.remat, aligned_conditioning=bool(model_cfg.aligned_conditioning),
-      linear_prior=bool(model_cfg.get("linear_prior", False)),
+      prior=model_cfg.get("prior", "none") != "none",
       interval=bool(model_cfg.get("interval", False)),
       attention=model_cfg.get("attention", "auto"),
       scan_unroll=max(1, min(int(model_cfg.get("scan_unroll", 1)), depth)))
@@ -409,9 +409,10 @@ class NextDiT(nnx.Module):
     # Direct per-position paths from the source, whatever the two token layouts: the source
     # resampled onto the target's positions (identity for equal grids, area averaging from a
     # finer grid, interpolation from a coarser one, the mean for a pooled target, a copy of a
-    # pooled source), and the closed-form linear map's estimate of the target.
+    # pooled source), and the fitted estimate of the target (the prior: the closed-form
+    # linear map's or the MLP's).
     self.aligned = Dense(d, d, rngs=rngs, dtype=dt) if cfg.aligned_conditioning else None
-    self.prior_in = Dense(dt_in, d, rngs=rngs, dtype=dt) if cfg.linear_prior else None
+    self.prior_in = Dense(dt_in, d, rngs=rngs, dtype=dt) if cfg.prior else None
 
     @nnx.split_rngs(splits=cfg.depth)
     @nnx.vmap(in_axes=(0,), out_axes=0)
@@ -443,9 +444,10 @@ class NextDiT(nnx.Module):
   def source_context(self, source, drop=None, prior=None, prior_std=None) -> dict:
     """The time-independent half of the network: source [B, Ns, Ds] (raw model input),
     drop [B] bool or None (rows that see the learned null source instead, for classifier-free
-    guidance), prior [B, Nt, Dt] (the linear map's estimate of the target in the model's
-    space; only with linear_prior, zero for dropped rows), prior_std [B, 1, Dt] (the map's
-    residual standard deviation in that space; one for dropped rows) -> a dict of arrays,
+    guidance), prior [B, Nt, Dt] (the fitted estimate of the target, the linear map's or the
+    MLP's, in the model's space; only with ``prior``, zero for dropped rows), prior_std
+    [B, 1, Dt] (the estimate's residual standard deviation in that space; one for dropped
+    rows) -> a dict of arrays,
     B leading or second:
       ``condition``   [B, cond_dim] float32: the pooled source's share of c;
       ``aligned``     [B, Nt, dim]: the source resampled onto each target position, added
@@ -469,7 +471,7 @@ class NextDiT(nnx.Module):
       per_position.append(self.aligned(on_target))
     if self.prior_in is not None:
       if prior is None:
-        raise ValueError("this model takes the linear map's estimate (linear_prior): pass prior")
+        raise ValueError("this model corrects a fitted estimate of the target (prior): pass it")
       if prior_std is None:
         prior_std = jnp.ones((prior.shape[0], 1, prior.shape[-1]), jnp.float32)
       prior_std = jnp.broadcast_to(prior_std, (prior.shape[0], 1, prior.shape[-1]))
@@ -542,12 +544,13 @@ PRIOR_STD_FLOOR = 1e-2
 
 def gaussian_velocity(x, t, mean, std, s=None):
   """The exact rectified-flow velocity E[x1 - noise | x_t] when x1 ~ N(mean, std^2) per
-  dimension: the base a linear_prior model corrects. With ``s``, the exact average velocity
+  dimension: the base a model with a prior corrects. With ``s``, the exact average velocity
   (x_s - x_t) / (s - t) along that Gaussian model's ODE (the base of a MeanFlow model): the
-  ODE keeps (x - t mean) / sd(t) fixed, sd(t)^2 = (1 - t)^2 + t^2 std^2. With the linear map's estimate as the
-  mean and its residual spread as the std, the untrained model already is that Gaussian
-  linear model: its one-step estimate x + v(x, 0) is the map's estimate and its samples
-  spread like the map's residuals, and the network learns only what the map misses.
+  ODE keeps (x - t mean) / sd(t) fixed, sd(t)^2 = (1 - t)^2 + t^2 std^2. With a fitted
+  estimate (the linear map's or the MLP's) as the mean and its residual spread as the std,
+  the untrained model already is that Gaussian model: its one-step estimate x + v(x, 0) is
+  the estimate and its samples spread like the estimate's residuals, and the network learns
+  what the estimate misses.
   x [B, Nt, Dt], t [B], mean [B, Nt, Dt], std [B, 1, Dt] or broadcastable."""
   x = x.astype(jnp.float32)
   column = lambda a: jnp.reshape(a.astype(jnp.float32), (-1,) + (1,) * (x.ndim - 1))
@@ -584,7 +587,7 @@ def flops(cfg: ModelConfig) -> dict:
                + nt * d * d                        # out
                + nt * d * 3 * hidden)              # SwiGLU
   data_proj = 2 * (nt * dt_in * d + ns * ds * d + 256 * cond
-                   + (nt * dt_in * d if cfg.linear_prior else 0))
+                   + (nt * dt_in * d if cfg.prior else 0))
   rest = 2 * (cond * cond + d * cond + cond * d + nt * d * dt_in
               + ((nt * ns * d + nt * d * d) if cfg.aligned_conditioning else 0))
   forward = data_proj + rest + cfg.depth * block

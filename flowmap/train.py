@@ -366,14 +366,18 @@ def setup(config, workdir: str) -> TrainSetup:
     rows = data_lib.split_size(data_dir, "train")
     if rows < SMALL_DATA_ROWS:
       print(f"note: {rows:,} training rows; with few rows the network can overfit before "
-            f"it beats the linear map: train.select_rows={min(max(rows // 10, 1), 2000)} "
-            f"keeps the best step, the linear map included (README: 'Small data')", flush=True)
+            f"it improves on its prior: train.select_rows={min(max(rows // 10, 1), 2000)} "
+            f"keeps the best step, the prior itself included (README: 'Small data')",
+            flush=True)
   checkpointer = checkpoint_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
   if checkpointer.latest_step() is not None:
     spec = workdir_lib.resumed_spec(config, workdir, spec)
-  if spec.model_cfg.linear_prior and spec.linear is None:
-    spec = dataclasses.replace(spec, linear=workdir_lib.fit_linear_map(config, data_dir,
-                                                                        workdir))
+  if spec.model_cfg.prior and spec.estimate is None:
+    spec = workdir_lib.fit_prior(config, data_dir, workdir, spec)
+    if jax.process_index() == 0:
+      mlp = (f", the MLP's {spec.mlp.held_out_mse:.4g}" if spec.mlp is not None else "")
+      print(f"prior: the {'MLP' if spec.prior == 'mlp' else 'linear map'} (held-out MSE: the "
+            f"linear map's {spec.linear.held_out_mse:.4g}{mlp})", flush=True)
   tx = make_optimizer(config)
   # Shapes only: a resumed run restores straight into its shardings, so the state is never
   # held twice; a new run creates it in train_and_evaluate.

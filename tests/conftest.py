@@ -44,6 +44,7 @@ def tiny_config(data_dir: str = "", steps: int = 20):
   c.eval.batch_size = 32
   c.eval.steps = 2
   c.eval.baselines = ()   # the mean and the ridge only: the MLP rung costs seconds a run
+  c.model.prior = "linear"   # likewise the MLP prior (conftest_run's shared run has auto)
   return c
 
 

@@ -28,6 +28,7 @@ def small_config(data_dir: str):
   c.eval.steps = 8
   c.flow.cond_dropout = 0.1   # guidance needs the unconditional velocity
   c.eval.baselines = ("procrustes", "mlp")   # the whole ladder, as a user's run has it
+  c.model.prior = "auto"   # the default: the MLP or the linear map, the ladder's MLP reused
   c.wandb.project = "flowmap-tests"
   return c
 

@@ -43,7 +43,7 @@ def config(accum: int = 1):
   c.train.batch_size = BATCH
   c.train.grad_accum = accum
   c.flow.cond_dropout = 0.25   # exercise the per-example dropout draws too
-  c.model.linear_prior = False   # batches of random model inputs: no fitted linear map
+  c.model.prior = "none"   # batches of random model inputs: no fitted prior
   return c
 
 

@@ -17,6 +17,7 @@ def test_each_variant_changes_only_its_keys_and_unknown_keys_are_refused():
   from flowmap import ablation
   from flowmap.workdir import validate_config
   base = tiny_config()
+  base.model.prior = "auto"   # the demo's default, which two variants replace
   flat_base = _flat(base.to_dict())
   for name, (_, overrides) in ablation.VARIANTS.items():
     if overrides is None:

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from flowmap import baselines, linear, metrics, synthetic
+from flowmap import baselines, linear, metrics, mlp, synthetic
 
 # ----------------------------------------------------------------------------- Procrustes
 
@@ -43,13 +43,34 @@ def test_mlp_recovers_a_nonlinear_map_better_than_ridge_and_is_deterministic():
   source, target = _nonlinear(1000, 0)
   test_source, test_target = _nonlinear(256, 1)
   ridge = _ridge(source, target)
-  mlp = baselines.fit_mlp(source, target, seed=3, steps=300, batch_tokens=128)
+  fitted = mlp.fit(source, target, seed=3, steps=300, batch_tokens=128)
   closed_form = metrics.r2(ridge(test_source), test_target)
-  learned = metrics.r2(mlp.predict(test_source), test_target)
+  learned = metrics.r2(fitted.predict(test_source), test_target)
   assert learned > 0.9 and learned > closed_form + 0.2, (learned, closed_form)
-  again = baselines.fit_mlp(source, target, seed=3, steps=300, batch_tokens=128)
-  np.testing.assert_array_equal(again.predict(test_source), mlp.predict(test_source))
-  assert 0 < mlp.steps <= 300
+  again = mlp.fit(source, target, seed=3, steps=300, batch_tokens=128)
+  np.testing.assert_array_equal(again.predict(test_source), fitted.predict(test_source))
+  assert 0 < fitted.steps <= 300
+
+
+def test_mlp_reports_its_held_out_error_and_maps_alike_in_numpy_jax_and_after_loading(
+    tmp_path):
+  """What the prior needs of the MLP: the error and per-dimension residual spread on the
+  rows it was stopped on (every 10th), a jax path (inside jit) that agrees with numpy, and
+  an npz round trip."""
+  import jax
+  source, target = _nonlinear(500, 2)
+  fitted = mlp.fit(source, target, seed=0, steps=200, batch_tokens=128)
+  held = np.arange(500) % mlp.HOLDOUT_EVERY == mlp.HOLDOUT_EVERY - 1
+  residual = fitted.predict(source[held]) - target[held]
+  assert fitted.held_out_mse == pytest.approx(np.mean(residual ** 2), rel=1e-6)
+  np.testing.assert_allclose(fitted.residual_std, np.sqrt(np.mean(residual ** 2, (0, 1))),
+                             rtol=1e-6)
+  on_device = np.asarray(jax.jit(lambda s: fitted(s))(source[:7].astype(np.float32)))
+  np.testing.assert_allclose(on_device, fitted(source[:7]), atol=1e-5)
+  fitted.save(str(tmp_path / "m.npz"))
+  loaded = mlp.MLPRegressor.load(str(tmp_path / "m.npz"))
+  np.testing.assert_array_equal(loaded(source[:7]), fitted(source[:7]))
+  assert (loaded.steps, loaded.held_out_mse) == (fitted.steps, fitted.held_out_mse)
 
 
 # ----------------------------------------------------------------------------- the ladder

@@ -88,5 +88,5 @@ def test_every_shipped_config_validates_and_builds_its_model(name):
   if c.data.get("source_shape") and c.data.get("target_shape") and name != "bench":
     # (bench matches the PyTorch peer's architecture: no per-position paths)
     cfg = workdir_lib.model_config(c, c.data.source_shape, c.data.target_shape)
-    assert cfg.aligned_conditioning and cfg.linear_prior
+    assert cfg.aligned_conditioning and cfg.prior
     assert cfg.source_shape == tuple(c.data.source_shape)

@@ -159,11 +159,11 @@ def test_named_sizes(size, expected):
     ids=["equal", "finer", "coarser", "pooled-to-grid", "grid-to-pooled", "1d"])
 def test_every_layout_gets_a_per_position_source_path(source_shape, target_shape):
   """aligned_conditioning resamples the projected source onto the target positions (any
-  layouts), linear_prior adds the linear map's estimate there; both run at every layout, a
+  layouts), a prior adds a fitted estimate there; both run at every layout, a
   dropped row sees neither, and the paths are local: a source token reaches only the target
   positions that resample it."""
   cfg = dataclasses.replace(CFG, source_shape=source_shape, target_shape=target_shape,
-                            aligned_conditioning=True, linear_prior=True)
+                            aligned_conditioning=True, prior=True)
   model = perturbed(M.NextDiT(cfg, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(model)
   context = jax.jit(lambda st, s, d, p: nnx.merge(graphdef, st).source_context(s, d, p))
@@ -450,13 +450,13 @@ def test_flowmaps_xla_flags_keep_the_numerics():
                                                              rel=tol), (dtype, key)
 
 
-def test_untrained_linear_prior_model_samples_the_gaussian_linear_model():
-  """With linear_prior the model's base velocity is the exact velocity of x1 ~ N(prior,
+def test_untrained_model_with_a_prior_samples_the_gaussian_model():
+  """With a prior the model's base velocity is the exact velocity of x1 ~ N(prior,
   prior_std^2): at initialisation (zero output layer) its one-step mean estimate is the prior
   and integrating it from noise gives samples with the prior's mean and spread, per
   dimension; a dropped row falls back to N(0, 1)."""
   from flowmap import flow
-  cfg = dataclasses.replace(CFG, linear_prior=True)
+  cfg = dataclasses.replace(CFG, prior=True)
   model = M.NextDiT(cfg, rngs=nnx.Rngs(0))
   graphdef, state = nnx.split(model)
   n = 4096

@@ -160,7 +160,7 @@ def test_bf16_trains_the_demo_to_within_001_of_float32_held_out_cosine(tmp_path)
     c.data.dir = str(tmp_path / "float32" / "data") if dtype == "bfloat16" else ""
     c.data.synthetic.train_size = 512
     c.data.synthetic.validation_size = 64
-    c.model.linear_prior = False   # from scratch, so that both dtypes have to learn
+    c.model.prior = "none"   # from scratch, so that both dtypes have to learn
     c.train.steps = 80
     c.train.warmup_steps = 20
     c.train.log_every = c.train.eval_every = c.train.checkpoint_every = 80

@@ -18,7 +18,7 @@ def read_jsonl(path):
 
 def test_loss_falls_and_workdir_has_everything(tmp_path, demo_data):
   c = tiny_config(demo_data, steps=60)
-  c.model.linear_prior = False   # from scratch: a loss that falls fast in a few steps (with
+  c.model.prior = "none"   # from scratch: a loss that falls fast in a few steps (with
   c.train.lr = 3e-3              # the prior the untrained model already is the linear map)
   c.train.eval_every = 30
   c.train.checkpoint_every = 30
@@ -103,7 +103,7 @@ def test_train_velocity_cosine_leaves_out_rows_whose_source_was_dropped():
   from flowmap import flow, model as model_lib, sampling, sharding
   c = tiny_config()
   c.flow.cond_dropout = 0.5
-  c.model.linear_prior = False   # model-space batches, no fitted linear map
+  c.model.prior = "none"   # model-space batches, no fitted prior
   model_cfg = model_lib.config_from(c.model, (16, 48), (16, 32))
   tx = train.make_optimizer(c)
   mesh = sharding.make_mesh(c.mesh, jax.devices()[:1])
@@ -136,7 +136,7 @@ def test_regression_objective_trains_the_same_network_to_one_output(tmp_path, de
   from flowmap import Mapper
   c = tiny_config(demo_data, steps=40)
   c.flow.objective = "regression"
-  c.model.linear_prior = False   # the whole target, not the linear map's residual
+  c.model.prior = "none"   # the whole target, not a fitted estimate's residual
   c.train.lr = 3e-3
   results = train.train_and_evaluate(c, str(tmp_path))
   rows = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "train/loss" in r]
