@@ -96,7 +96,8 @@ def get_config():
 
   c.eval = ml_collections.ConfigDict()
   c.eval.num_images = 512
-  c.eval.solver = "heun"        # euler | heun
+  c.eval.solver = "euler"       # euler | heun (Euler matched or beat Heun at equal model
+                                # evaluations on every task measured with a prior)
   c.eval.steps = 8              # model evaluations per sample in the periodic evaluation
   c.eval.guidance = 1.0         # classifier-free guidance scale (1 = off)
   c.eval.mode = "sample"        # sample | mean: the output that eval/* scores (both are

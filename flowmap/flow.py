@@ -57,9 +57,10 @@ def meanflow_target(average_velocity: Callable, noise: jax.Array, x1: jax.Array,
                     start: jax.Array, end: jax.Array):
   """(prediction, regression target) of the MeanFlow identity (Geng et al. 2025) in flowmap's
   convention (t = 0 noise, t = 1 data): the average velocity u(x_t, t, s) = (x_s - x_t) /
-  (s - t) satisfies u = v - (s - t) d/dt u along the path, and on the straight path the
-  velocity is v = x1 - noise, so the target is v + (s - t) (du/dx v + du/dt), with the total
-  derivative from one ``jax.jvp`` and no gradient through the target.
+  (s - t) satisfies (s - t) u = the integral of v from t to s, whose derivative in t gives
+  u = v + (s - t) d/dt u along the path; on the straight path the velocity is v = x1 -
+  noise, so the target is v + (s - t) (du/dx v + du/dt), with the total derivative from one
+  ``jax.jvp`` and no gradient through the target.
   ``average_velocity(x, t, s)`` is the model; start = end gives flow matching's target v."""
   v = target_velocity(noise, x1)
   x = interpolate(noise, x1, start)

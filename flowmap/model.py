@@ -75,6 +75,16 @@ class ModelConfig:
     return min(self.dim, 1024)
 
   @property
+  def time_scale(self) -> float:
+    """The embeddings see t * 1000 (the diffusion convention), except in a MeanFlow model
+    (``interval``), which sees t and the interval unscaled, as MeanFlow's reference code
+    does: its training target holds the derivative of the network along time, and through
+    sinusoids of up to 1000 radians per unit time that derivative is large and noisy
+    (measured on the sphere task: a training loss of 5.2 against 0.20, and 2-evaluation
+    samples with 1.57x the true spread against 0.99x)."""
+    return 1.0 if self.interval else 1000.0
+
+  @property
   def head_dim(self) -> int:
     return self.dim // self.heads
 
@@ -232,11 +242,12 @@ def layer_norm(x, eps: float = 1e-6):
   return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
 
 
-def timestep_embedding(t, dim: int = 256, max_period: float = 10000.0):
-  """Sinusoidal embedding of t * 1000, so t in [0, 1] spans the usual diffusion range."""
+def timestep_embedding(t, dim: int = 256, max_period: float = 10000.0, scale: float = 1000.0):
+  """Sinusoidal embedding of t * scale: 1000 (flowmap's convention) spans the usual
+  diffusion range with t in [0, 1]; see ``ModelConfig.time_scale``."""
   half = dim // 2
   freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
-  args = (t.astype(jnp.float32) * 1000.0)[:, None] * freqs[None]
+  args = (t.astype(jnp.float32) * scale)[:, None] * freqs[None]
   return jnp.concatenate([jnp.cos(args), jnp.sin(args)], -1)
 
 
@@ -504,10 +515,12 @@ class NextDiT(nnx.Module):
     average velocity from t to s, (x_s - x_t) / (s - t); s = None (or s = t) is the
     instantaneous velocity."""
     cfg = self.cfg
-    c = self.time_mlp2(jax.nn.silu(self.time_mlp1(timestep_embedding(t))))
+    scale = cfg.time_scale
+    c = self.time_mlp2(jax.nn.silu(self.time_mlp1(timestep_embedding(t, scale=scale))))
     if self.interval_mlp1 is not None:
       s = t if s is None else s
-      c = c + self.interval_mlp2(jax.nn.silu(self.interval_mlp1(timestep_embedding(s - t))))
+      c = c + self.interval_mlp2(jax.nn.silu(self.interval_mlp1(
+          timestep_embedding(s - t, scale=scale))))
     c = (c.astype(jnp.float32) + context["condition"]).astype(cfg.compute_dtype)
     h = self.in_proj(x)
     if "aligned" in context:

@@ -230,10 +230,10 @@ def test_eval_mode_reports_sweep_baselines_json_and_plots(small_run):
               "baseline/ridge_recall_at_1", "baseline/mean_cosine_token", "baseline/mean_mse"):
     assert key in record, key
   assert record["ridge_kind"] == "resampled+pooled" and record["baseline_train_rows"] == 1024
-  # The configured solver (heun, 8 evaluations) is one point of the sweep.
-  heun8 = next(r for r in sweep if (r["weights"], r["mode"], r["solver"], r["evaluations"])
-               == ("ema", "sample", "heun", 8))
-  assert heun8["cosine_token"] == pytest.approx(record["eval/cosine_token"], abs=1e-9)
+  # The configured solver (euler, 8 evaluations) is one point of the sweep.
+  configured = next(r for r in sweep if (r["weights"], r["mode"], r["solver"],
+                                         r["evaluations"]) == ("ema", "sample", "euler", 8))
+  assert configured["cosine_token"] == pytest.approx(record["eval/cosine_token"], abs=1e-9)
   mean = next(r for r in sweep if (r["weights"], r["mode"]) == ("ema", "mean"))
   assert mean["cosine_token"] == pytest.approx(record["eval/mean/cosine_token"], abs=1e-9)
   # Every figure says which output it scores; the samples keep more spread than the mean,
