@@ -41,8 +41,10 @@ def get_config(size: str = "small"):
   c.bench.windows = 5
   c.bench.steps_per_window = 2
   c.bench.sample_batch = 0            # 0: train.batch_size
-  c.bench.sample_evaluations = (8, 50)
+  c.bench.sample_evaluations = (2, 8, 50)
   c.bench.solvers = ("euler", "heun")
+  c.bench.quality_evaluations = 2     # Euler evaluations at the 50-evaluation flow's quality
+  c.bench.peer_guided_steps = 30      # the peer's guided Euler steps to compare with
   c.bench.sample_repeats = 3
   c.bench.budget_s = 180.0            # a contender stops repeating after this much timed
                                       # work (the peer's emulated bf16 autocast: ~2 steps)

@@ -58,8 +58,13 @@ DEFAULTS = {
     "windows": 5,               # timed train windows per contender
     "steps_per_window": 2,
     "sample_batch": 0,          # rows per sampler call; 0: train.batch_size
-    "sample_evaluations": (8, 50),
+    "sample_evaluations": (2, 8, 50),
     "solvers": ("euler", "heun"),
+    "quality_evaluations": 2,   # Euler evaluations at which flowmap's samples reach the
+                                # 50-evaluation flow's quality (README "Few-step samples":
+                                # 2 for the flow objective on the demo, 1 for MeanFlow)
+    "peer_guided_steps": 30,    # the peer's sampler to compare with: BLIP3-o's 30 Euler
+                                # steps with classifier-free guidance (2 evaluations a step)
     "sample_repeats": 3,
     "budget_s": 240.0,          # a contender stops repeating after this much timed work
     "max_call_s": 600.0,        # a call predicted to take longer than this is skipped
@@ -570,6 +575,8 @@ def run(config, peer: str = "") -> dict:
       peer_sample[p][e] = c.rate()
       per_eval[p] = statistics.median(c.times) / evaluations
   by_dtype[model_cfg.dtype]["sample_samples_per_s"] = sample_rates
+  measured = {p: per_eval[p] for p in peer_sample if peer_sample[p]}   # not the guesses
+  result["at_flow50_quality"] = at_flow50_quality(s, sample_rates, measured, sample_batch)
   first = str(s.sample_evaluations[0])
   compile_s["sampler"] = sampler_compile[s.solvers[0]][first]
   result["compile_s"] = compile_s
@@ -625,6 +632,31 @@ def run(config, peer: str = "") -> dict:
   if skipped:
     result["skipped"] = skipped
   return result
+
+
+def at_flow50_quality(s, sample_rates: dict, peer_seconds_per_evaluation: dict,
+                      sample_batch: int) -> Optional[dict]:
+  """Samples per second where they are worth the same: flowmap's Euler sampler at
+  ``bench.quality_evaluations`` (the evaluations at which trained runs' samples reach the
+  50-evaluation flow's Frechet distance, measured in the README), next to the peer's
+  classifier-free-guided Euler loop of ``bench.peer_guided_steps`` steps (BLIP3-o's 30 at
+  guidance 3: two evaluations a step), extrapolated from its per-evaluation time in the
+  longest loop timed (its cost is linear in the evaluations). None when that evaluation count
+  was not timed."""
+  n = str(int(s.quality_evaluations))
+  rate = sample_rates.get("euler", {}).get(n)
+  if rate is None:
+    return None
+  out = {"flowmap_evaluations": int(n), "flowmap_samples_per_s": rate}
+  if peer_seconds_per_evaluation:
+    evaluations = 2 * int(s.peer_guided_steps)
+    best = min(peer_seconds_per_evaluation.values())
+    out.update(peer_evaluations=evaluations,
+               peer_samples_per_s=sample_batch / (best * evaluations),
+               peer_note="extrapolated from the peer's timed Euler loops at its better "
+                         "precision")
+    out["ratio"] = rate / out["peer_samples_per_s"]
+  return out
 
 
 # ----------------------------------------------------------------------------- report
@@ -694,6 +726,13 @@ def table(r: dict) -> str:
       if d != m["dtype"]:
         lines.append(f"  ({d} / peer   train {f(v['train_samples_per_s'])}x; euler "
                      + ", ".join(f"{f(x)}x at {e}" for e, x in v["euler"].items()) + ")")
+  q = r.get("at_flow50_quality")
+  if q:
+    lines.append(f"at the 50-evaluation flow's quality: flowmap euler "
+                 f"{q['flowmap_evaluations']} evals {f(q['flowmap_samples_per_s'])} samples/s"
+                 + (f", peer guided euler {q['peer_evaluations'] // 2} steps "
+                    f"{f(q['peer_samples_per_s'])} samples/s (extrapolated): "
+                    f"{f(q['ratio'])}x" if "ratio" in q else ""))
   return "\n".join(lines)
 
 

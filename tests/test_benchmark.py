@@ -69,6 +69,9 @@ def test_cli_prints_the_contract_keys_with_positive_finite_figures(tmp_path):
     assert _finite_positive(figures["mfu_bfloat16_peak"]), d
     assert _finite_positive(figures["sample_samples_per_s"]["euler"]["2"]), d
   assert set(result["peak_tflops_by_dtype"]) == {"float32", "bfloat16"}
+  quality = result["at_flow50_quality"]   # the tiny config times Euler at 2 evaluations
+  assert quality["flowmap_evaluations"] == 2
+  assert quality["flowmap_samples_per_s"] == result["sample_samples_per_s"]["euler"]["2"]
   load = result["host_load"]
   if os.path.exists("/proc/stat"):
     assert load["rounds"] > 0
@@ -149,3 +152,19 @@ def test_peer_trains_and_samples_at_the_matched_size():
   flops = peer.flops_per_example()   # counted by PyTorch, next to flowmap's analytic count
   assert 2.5 * flops["forward"] < flops["train"] < 3.5 * flops["forward"]
   assert 0.5 < flops["forward"] / M.flops(model_cfg)["forward"] < 3.0
+
+
+def test_samples_at_the_flow50_quality_against_the_guided_peer():
+  """flowmap's Euler rate at bench.quality_evaluations next to the peer's guided 30-step
+  Euler loop (60 evaluations), extrapolated from its best measured seconds per evaluation;
+  nothing when that evaluation count was not timed."""
+  s = benchmark.settings(tiny_config())
+  s.quality_evaluations, s.peer_guided_steps = 2, 30
+  rates = {"euler": {"2": 10.0, "8": 3.0}}
+  q = benchmark.at_flow50_quality(s, rates, {"float32": 0.02, "bf16_autocast": 0.01}, 4)
+  assert q["flowmap_samples_per_s"] == 10.0 and q["peer_evaluations"] == 60
+  assert q["peer_samples_per_s"] == pytest.approx(4 / (0.01 * 60))
+  assert q["ratio"] == pytest.approx(10.0 / (4 / 0.6))
+  assert "peer_samples_per_s" not in benchmark.at_flow50_quality(s, rates, {}, 4)
+  s.quality_evaluations = 1
+  assert benchmark.at_flow50_quality(s, rates, {}, 4) is None
