@@ -463,6 +463,7 @@ def test_training_runs_on_the_extracted_dataset(extracted, compilation_cache, tm
   c.train.steps, c.train.batch_size, c.train.warmup_steps = 3, 4, 1
   c.train.log_every = c.train.eval_every = c.train.checkpoint_every = 3
   c.eval.num_images, c.eval.batch_size, c.eval.steps = 2, 2, 2
+  c.model.prior_mlp_steps = 200   # the auto prior's choice, fitted briefly (8000: ~20 s)
   result = train.train_and_evaluate(c, str(tmp_path / "run"))
   assert np.isfinite(result["eval/cosine_token"])
 

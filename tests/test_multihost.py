@@ -32,6 +32,7 @@ OVERRIDES = {   # on top of configs/demo.py
     "train.steps": STEPS, "train.batch_size": 16, "train.warmup_steps": 2,
     "train.log_every": 3, "train.eval_every": STEPS, "train.checkpoint_every": STEPS,
     "eval.num_images": 32, "eval.batch_size": 16, "eval.steps": 2, "eval.baselines": (),
+    "model.prior_mlp_steps": 200,   # every process fits the auto prior's MLP, briefly
     # float32 on every CPU: the two meshes compile to different programs, and on a CPU where
     # model.dtype=auto picks bfloat16 their roundings differ by ~3e-4 relative in a few
     # parameters, far above what the distributed logic itself may change (bfloat16 against
