@@ -311,7 +311,7 @@ def kill_args(workdir, demo_data):
           f"--config.train.steps={KILL_STEPS}",
           f"--config.train.checkpoint_every={KILL_CHECKPOINT_EVERY}",
           "--config.train.keep_checkpoints=2", "--config.train.eval_every=100000",
-          "--config.train.log_every=1", "--config.eval.num_images=32"]
+          "--config.train.log_every=1", "--config.eval.num_images=32", *LINEAR_PRIOR]
 
 
 def logged_steps(workdir):
